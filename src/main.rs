@@ -1,1 +1,132 @@
-fn main() {}
+//! The `kiln` command line: inspect and run models.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_ir::{interp, json, text, Graph, Summary, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// kiln: an ahead-of-time compiler for transformer models.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's verified IR and a summary: op histogram, parameters, FLOPs.
+    Inspect {
+        /// A `.kir` file.
+        model: PathBuf,
+        /// Bind a symbolic dim for the FLOPs estimate, e.g. `--dim seq=128` (default: its maximum).
+        #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_binding)]
+        dims: Vec<(String, i64)>,
+        /// Print the IR as JSON instead of text, without the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model on inputs from a safetensors file and write its outputs to another.
+    Run {
+        /// A `.kir` file.
+        model: PathBuf,
+        /// Inputs, keyed by graph input name.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs, keyed by graph output name.
+        #[arg(long)]
+        output: PathBuf,
+        /// How to execute the model.
+        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        backend: Backend,
+    },
+}
+
+/// Execution backends.
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The reference interpreter: slow, exact, the oracle for every other backend.
+    Interp,
+}
+
+fn parse_binding(arg: &str) -> Result<(String, i64), String> {
+    let (name, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got `{arg}`"))?;
+    let value = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not an integer"))?;
+    Ok((name.to_string(), value))
+}
+
+fn load_model(path: &Path) -> Result<Graph> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("kir") => {
+            let graph = text::parse_file(path)?;
+            kiln_ir::verify(&graph).with_context(|| format!("{}", path.display()))?;
+            Ok(graph)
+        }
+        _ => bail!(
+            "{}: unsupported model format: kiln reads `.kir` files (the ONNX, safetensors and GGUF \
+             frontends are not built yet)",
+            path.display()
+        ),
+    }
+}
+
+fn inspect(model: &Path, dims: &[(String, i64)], as_json: bool) -> Result<()> {
+    let graph = load_model(model)?;
+    if as_json {
+        println!("{}", json::to_json(&graph));
+        return Ok(());
+    }
+    let unknown: Vec<&str> = dims
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| !graph.symbols().iter().any(|s| s.name == *name))
+        .collect();
+    if !unknown.is_empty() {
+        bail!("--dim names unknown symbols: {}", unknown.join(", "));
+    }
+    let bindings: HashMap<String, i64> = dims.iter().cloned().collect();
+    let summary = Summary::of(&graph, &bindings).context("counting FLOPs")?;
+    print!("{}", text::print(&graph));
+    println!("{summary}");
+    Ok(())
+}
+
+fn run(model: &Path, inputs: &Path, output: &Path, backend: Backend) -> Result<()> {
+    let graph = load_model(model)?;
+    let inputs: HashMap<String, Tensor> = kiln_ir::load_tensors(inputs)?.into_iter().collect();
+    let outputs = match backend {
+        Backend::Interp => interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?,
+    };
+    kiln_ir::save_tensors(output, &outputs)?;
+    for (name, tensor) in &outputs {
+        println!("{name}: {tensor}");
+    }
+    println!("wrote {}", output.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect { model, dims, json } => inspect(model, dims, *json),
+        Command::Run {
+            model,
+            inputs,
+            output,
+            backend,
+        } => run(model, inputs, output, *backend),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

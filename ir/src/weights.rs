@@ -2,6 +2,7 @@
 //! file, so that loading a large model never copies its weights.
 
 use crate::dtype::DType;
+use crate::tensor::Tensor;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -174,6 +175,36 @@ pub fn map_safetensors(path: &Path) -> Result<BTreeMap<String, Weight>, WeightEr
         weights.insert(name.clone(), weight);
     }
     Ok(weights)
+}
+
+/// Reads every tensor of a safetensors file (e.g. the inputs of `kiln run`), by name.
+pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, WeightError> {
+    map_safetensors(path)?
+        .into_iter()
+        .map(|(name, weight)| {
+            let bytes = weight.data.as_ref().map_or(&[][..], WeightBytes::bytes);
+            let tensor = Tensor::from_le_bytes(weight.dtype, weight.shape.clone(), bytes)
+                .map_err(|e| WeightError(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
+/// Writes named tensors to a safetensors file.
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), WeightError> {
+    let err = |what: String| WeightError(format!("{}: {what}", path.display()));
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| t.to_le_bytes()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, tensor), data)| {
+            safetensors::tensor::TensorView::new(dtype_to_safetensors(tensor.dtype()), tensor.shape().to_vec(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| err(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let serialized = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
+    std::fs::write(path, serialized).map_err(|e| err(e.to_string()))
 }
 
 /// kiln's dtype for a safetensors dtype, if it has one.

@@ -148,7 +148,9 @@ pub(super) fn parse_slice(attrs: &mut Attrs) -> Result<Op, String> {
 fn resolve_slice(start: i64, end: i64, step: i64, dim: i64) -> (i64, i64) {
     let from_end = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
     let (start, end) = (from_end(start), from_end(end));
-    if step > 0 {
+    if dim == 0 {
+        (0, 0)
+    } else if step > 0 {
         let (start, end) = (start.clamp(0, dim), end.clamp(0, dim));
         (start, ((end - start).max(0) + step - 1) / step)
     } else {
@@ -410,6 +412,9 @@ mod tests {
         assert_eq!(run(slice(0, 1i64, 8i64, 3)), [1., 4., 7.]);
         assert_eq!(run(slice(0, -1i64, -100i64, -4)), [9., 5., 1.]);
         assert_eq!(run(slice(0, 5i64, 2i64, 1)), [] as [f32; 0]);
+        // Regression (found by the round-trip property test): a reversed slice of an empty axis.
+        let empty = eval(&slice(0, 0i64, -1i64, -1), &[iota(&[0])]).unwrap();
+        assert_eq!(empty.shape(), [0]);
         let rows = eval(&slice(-2, 1i64, 2i64, 1), &[iota(&[3, 2])]).unwrap();
         assert_eq!((rows.shape(), f32s(&rows)), (&[1, 2][..], vec![2., 3.]));
     }
