@@ -101,7 +101,9 @@ fn run(model: &Path, inputs: &Path, output: &Path, backend: Backend) -> Result<(
     let graph = load_model(model)?;
     let inputs: HashMap<String, Tensor> = kiln_ir::load_tensors(inputs)?.into_iter().collect();
     let outputs = match backend {
-        Backend::Interp => interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?,
+        Backend::Interp => {
+            interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?
+        }
     };
     kiln_ir::save_tensors(output, &outputs)?;
     for (name, tensor) in &outputs {

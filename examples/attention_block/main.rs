@@ -14,7 +14,10 @@ struct Lcg(u64);
 impl Lcg {
     /// An integer in `-range..=range`.
     fn next(&mut self, range: i64) -> i64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % (2 * range as u64 + 1)) as i64 - range
     }
 
@@ -24,12 +27,12 @@ impl Lcg {
     }
 }
 
-fn write(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) -> std::io::Result<()> {
+fn write(path: &Path, tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) -> std::io::Result<()> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
             let view = TensorView::new(*dtype, shape.clone(), bytes).expect("sizes match");
-            (name.to_string(), view)
+            (name.clone(), view)
         })
         .collect();
     let bytes = safetensors::serialize(views, None).map_err(std::io::Error::other)?;
@@ -45,21 +48,47 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 fn main() -> std::io::Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/attention_block");
     let mut rng = Lcg(2026);
-    let weights = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
-        .into_iter()
-        .map(|name| (name, Dtype::F32, vec![HIDDEN, HIDDEN], f32_bytes(&rng.weights(HIDDEN * HIDDEN))))
-        .collect();
+    let mut weights = Vec::new();
+    for layer in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        let weight = f32_bytes(&rng.weights(HIDDEN * HIDDEN));
+        weights.push((
+            format!("{layer}.weight"),
+            Dtype::F32,
+            vec![HIDDEN, HIDDEN],
+            weight,
+        ));
+        weights.push((
+            format!("{layer}.bias"),
+            Dtype::F32,
+            vec![HIDDEN],
+            f32_bytes(&rng.weights(HIDDEN)),
+        ));
+    }
     write(&dir.join("attention_block.safetensors"), weights)?;
 
     let (batch, seq) = (2, 5);
-    let x: Vec<f32> = (0..batch * seq * HIDDEN).map(|_| rng.next(16) as f32 / 16.0).collect();
-    let mask: Vec<i64> = (0..batch * seq).map(|i| i64::from(i < seq || i % seq < 3)).collect();
+    let x: Vec<f32> = (0..batch * seq * HIDDEN)
+        .map(|_| rng.next(16) as f32 / 16.0)
+        .collect();
+    let mask: Vec<i64> = (0..batch * seq)
+        .map(|i| i64::from(i < seq || i % seq < 3))
+        .collect();
     let mask_bytes = mask.iter().flat_map(|v| v.to_le_bytes()).collect();
     write(
         &dir.join("inputs.safetensors"),
         vec![
-            ("x", Dtype::F32, vec![batch, seq, HIDDEN], f32_bytes(&x)),
-            ("attention_mask", Dtype::I64, vec![batch, seq], mask_bytes),
+            (
+                "x".to_string(),
+                Dtype::F32,
+                vec![batch, seq, HIDDEN],
+                f32_bytes(&x),
+            ),
+            (
+                "attention_mask".to_string(),
+                Dtype::I64,
+                vec![batch, seq],
+                mask_bytes,
+            ),
         ],
     )
 }

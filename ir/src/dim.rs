@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::{Add, Div, Mul, Sub};
 
 /// One dimension of a shape.
 ///
@@ -69,59 +70,6 @@ impl Dim {
         match self {
             Dim::Const(v) => Some(*v),
             _ => None,
-        }
-    }
-
-    /// `a + b`, simplified.
-    pub fn add(a: Dim, b: Dim) -> Dim {
-        match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if x.checked_add(y).is_some() => Dim::Const(x + y),
-            (a, Dim::Const(0)) | (Dim::Const(0), a) => a,
-            (Dim::Const(c), a) => Dim::add(a, Dim::Const(c)),
-            (Dim::Add(a, c1), Dim::Const(c2)) if matches!(*c1, Dim::Const(_)) => {
-                Dim::add(*a, Dim::add(*c1, Dim::Const(c2)))
-            }
-            (a, b) => Dim::Add(Box::new(a), Box::new(b)),
-        }
-    }
-
-    /// `a - b`, simplified.
-    pub fn sub(a: Dim, b: Dim) -> Dim {
-        match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if x.checked_sub(y).is_some() => Dim::Const(x - y),
-            (a, Dim::Const(0)) => a,
-            (a, b) if a == b => Dim::Const(0),
-            (a, b) => Dim::Sub(Box::new(a), Box::new(b)),
-        }
-    }
-
-    /// `a * b`, simplified.
-    pub fn mul(a: Dim, b: Dim) -> Dim {
-        match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if x.checked_mul(y).is_some() => Dim::Const(x * y),
-            (Dim::Const(0), _) | (_, Dim::Const(0)) => Dim::Const(0),
-            (a, Dim::Const(1)) | (Dim::Const(1), a) => a,
-            (Dim::Const(c), a) => Dim::mul(a, Dim::Const(c)),
-            (Dim::Mul(a, c1), Dim::Const(c2)) if matches!(*c1, Dim::Const(_)) => {
-                Dim::mul(*a, Dim::mul(*c1, Dim::Const(c2)))
-            }
-            (a, b) => Dim::Mul(Box::new(a), Box::new(b)),
-        }
-    }
-
-    /// `a / b` (floor division), simplified.
-    pub fn div(a: Dim, b: Dim) -> Dim {
-        match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if y != 0 && x.checked_div(y).is_some() => {
-                Dim::Const(x.div_euclid(y))
-            }
-            (a, Dim::Const(1)) => a,
-            (Dim::Mul(a, c), Dim::Const(d)) if matches!(*c, Dim::Const(k) if d != 0 && k % d == 0) =>
-            {
-                let k = c.as_const().unwrap_or(1);
-                Dim::mul(*a, Dim::Const(k / d))
-            }
-            (a, b) => Dim::Div(Box::new(a), Box::new(b)),
         }
     }
 
@@ -247,6 +195,79 @@ impl Dim {
             Dim::Mul(..) | Dim::Div(..) => 2,
             Dim::Const(v) if *v < 0 => 1,
             Dim::Const(_) | Dim::Sym(_) => 3,
+        }
+    }
+}
+
+impl Add for Dim {
+    type Output = Dim;
+
+    /// `a + b`, simplified.
+    fn add(self, rhs: Dim) -> Dim {
+        let (a, b) = (self, rhs);
+        match (a, b) {
+            (Dim::Const(x), Dim::Const(y)) if x.checked_add(y).is_some() => Dim::Const(x + y),
+            (a, Dim::Const(0)) | (Dim::Const(0), a) => a,
+            (Dim::Const(c), a) => Dim::add(a, Dim::Const(c)),
+            (Dim::Add(a, c1), Dim::Const(c2)) if matches!(*c1, Dim::Const(_)) => {
+                Dim::add(*a, Dim::add(*c1, Dim::Const(c2)))
+            }
+            (a, b) => Dim::Add(Box::new(a), Box::new(b)),
+        }
+    }
+}
+
+impl Sub for Dim {
+    type Output = Dim;
+
+    /// `a - b`, simplified.
+    fn sub(self, rhs: Dim) -> Dim {
+        let (a, b) = (self, rhs);
+        match (a, b) {
+            (Dim::Const(x), Dim::Const(y)) if x.checked_sub(y).is_some() => Dim::Const(x - y),
+            (a, Dim::Const(0)) => a,
+            (a, b) if a == b => Dim::Const(0),
+            (a, b) => Dim::Sub(Box::new(a), Box::new(b)),
+        }
+    }
+}
+
+impl Mul for Dim {
+    type Output = Dim;
+
+    /// `a * b`, simplified.
+    fn mul(self, rhs: Dim) -> Dim {
+        let (a, b) = (self, rhs);
+        match (a, b) {
+            (Dim::Const(x), Dim::Const(y)) if x.checked_mul(y).is_some() => Dim::Const(x * y),
+            (Dim::Const(0), _) | (_, Dim::Const(0)) => Dim::Const(0),
+            (a, Dim::Const(1)) | (Dim::Const(1), a) => a,
+            (Dim::Const(c), a) => Dim::mul(a, Dim::Const(c)),
+            (Dim::Mul(a, c1), Dim::Const(c2)) if matches!(*c1, Dim::Const(_)) => {
+                Dim::mul(*a, Dim::mul(*c1, Dim::Const(c2)))
+            }
+            (a, b) => Dim::Mul(Box::new(a), Box::new(b)),
+        }
+    }
+}
+
+impl Div for Dim {
+    type Output = Dim;
+
+    /// `a / b` (floor division), simplified.
+    fn div(self, rhs: Dim) -> Dim {
+        let (a, b) = (self, rhs);
+        match (a, b) {
+            (Dim::Const(x), Dim::Const(y)) if y != 0 && x.checked_div(y).is_some() => {
+                Dim::Const(x.div_euclid(y))
+            }
+            (a, Dim::Const(1)) => a,
+            (Dim::Mul(a, c), Dim::Const(d)) if matches!(*c, Dim::Const(k) if d != 0 && k % d == 0) =>
+            {
+                let k = c.as_const().unwrap_or(1);
+                Dim::mul(*a, Dim::Const(k / d))
+            }
+            (a, b) => Dim::Div(Box::new(a), Box::new(b)),
         }
     }
 }

@@ -3,7 +3,6 @@
 
 use crate::graph::{Graph, Symbol};
 use crate::ops::{Op, TensorType};
-use crate::text::INLINE_LIMIT;
 use crate::weights::Weight;
 use crate::DType;
 use serde::{Deserialize, Serialize};
@@ -45,7 +44,7 @@ struct WeightDoc {
     dtype: DType,
     shape: Vec<usize>,
     checksum: String,
-    /// Little-endian bytes in hex, for weights of at most [`INLINE_LIMIT`] elements.
+    /// Little-endian bytes in hex, for the weights [`Weight::inline_bytes`] writes inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_hex: Option<String>,
 }
@@ -104,10 +103,8 @@ pub fn to_json(graph: &Graph) -> String {
                 shape: w.shape.clone(),
                 checksum: format!("{:016x}", w.checksum),
                 data_hex: w
-                    .data
-                    .as_ref()
-                    .filter(|_| w.numel() <= INLINE_LIMIT)
-                    .map(|d| d.bytes().iter().map(|b| format!("{b:02x}")).collect()),
+                    .inline_bytes()
+                    .map(|bytes| bytes.iter().map(|b| format!("{b:02x}")).collect()),
             })
             .collect(),
     };
@@ -195,7 +192,7 @@ pub fn from_json(src: &str) -> Result<Graph, JsonError> {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 || !hex.is_ascii() {
+    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
         return None;
     }
     (0..hex.len())

@@ -44,6 +44,6 @@ pub use summary::Summary;
 pub use tensor::{Data, Tensor, TensorError};
 pub use verify::{verify, VerifyError};
 pub use weights::{
-    checksum, dtype_from_safetensors, dtype_to_safetensors, load_tensors, map_safetensors, save_tensors, Weight, WeightBytes,
-    WeightError, WeightStore,
+    checksum, dtype_from_safetensors, dtype_to_safetensors, load_tensors, map_safetensors,
+    save_tensors, Weight, WeightBytes, WeightError, WeightStore,
 };

@@ -93,6 +93,18 @@ impl Weight {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The bytes, if the text and JSON forms write this weight's values inline: it has at most
+    /// [`crate::text::INLINE_LIMIT`] elements and the graph owns its bytes (weights mapped from a
+    /// file print by reference).
+    pub fn inline_bytes(&self) -> Option<&[u8]> {
+        match &self.data {
+            Some(WeightBytes::Owned(bytes)) if self.numel() <= crate::text::INLINE_LIMIT => {
+                Some(bytes)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// An inconsistency between a weight's metadata and its bytes, or an I/O failure loading them.
@@ -198,9 +210,13 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), Wei
         .iter()
         .zip(&bytes)
         .map(|((name, tensor), data)| {
-            safetensors::tensor::TensorView::new(dtype_to_safetensors(tensor.dtype()), tensor.shape().to_vec(), data)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| err(format!("tensor `{name}`: {e}")))
+            safetensors::tensor::TensorView::new(
+                dtype_to_safetensors(tensor.dtype()),
+                tensor.shape().to_vec(),
+                data,
+            )
+            .map(|view| (name.clone(), view))
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let serialized = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;

@@ -18,13 +18,23 @@ fn inputs_for(graph: &kiln_ir::Graph) -> HashMap<String, Tensor> {
         .iter()
         .map(|&id| {
             let node = graph.node(id);
-            let dims = node.ty.shape.eval(&bindings).expect("inputs use declared symbols");
+            let dims = node
+                .ty
+                .shape
+                .eval(&bindings)
+                .expect("inputs use declared symbols");
             let numel: usize = dims.iter().product();
-            let values: Vec<f64> = (0..numel).map(|i| ((i * 7 % 5) as f64 - 1.0) * 0.5).collect();
+            let values: Vec<f64> = (0..numel)
+                .map(|i| ((i * 7 % 5) as f64 - 1.0) * 0.5)
+                .collect();
             let tensor = if node.ty.dtype.is_float() {
                 Tensor::from_f64s(node.ty.dtype, dims, values)
             } else {
-                Tensor::from_i64s(node.ty.dtype, dims, (0..numel as i64).map(|i| i % 2).collect())
+                Tensor::from_i64s(
+                    node.ty.dtype,
+                    dims,
+                    (0..numel as i64).map(|i| i % 2).collect(),
+                )
             };
             (node.name.clone(), tensor)
         })

@@ -71,12 +71,44 @@ fn generator_exercises_every_op() {
             *counts.entry(key).or_default() += 1;
         }
     }
-    let names: Vec<&str> = UnaryOp::ALL.iter().map(|op| op.name()).chain(BinaryOp::ALL.iter().map(|op| op.name())).chain(ReduceOp::ALL.iter().map(|op| op.name())).chain([
-        "input", "const", "fill", "range", "where", "cast", "matmul", "gemm", "softmax", "transpose", "reshape", "expand", "concat", "slice", "gather", "layer_norm", "rms_norm", "rope",
-    ]).collect();
+    let names: Vec<&str> = UnaryOp::ALL
+        .iter()
+        .map(|op| op.name())
+        .chain(BinaryOp::ALL.iter().map(|op| op.name()))
+        .chain(ReduceOp::ALL.iter().map(|op| op.name()))
+        .chain([
+            "input",
+            "const",
+            "fill",
+            "range",
+            "where",
+            "cast",
+            "matmul",
+            "gemm",
+            "softmax",
+            "transpose",
+            "reshape",
+            "expand",
+            "concat",
+            "slice",
+            "gather",
+            "layer_norm",
+            "rms_norm",
+            "rope",
+        ])
+        .collect();
     let missing: Vec<&&str> = names.iter().filter(|n| !counts.contains_key(**n)).collect();
-    assert!(missing.is_empty(), "ops never generated: {missing:?}\ncounts: {counts:?}");
-    let attention_masks = counts.keys().filter(|k| k.starts_with("attention/")).count();
+    assert!(
+        missing.is_empty(),
+        "ops never generated: {missing:?}\ncounts: {counts:?}"
+    );
+    let attention_masks = counts
+        .keys()
+        .filter(|k| k.starts_with("attention/"))
+        .count();
     assert_eq!(attention_masks, 5, "attention masks generated: {counts:?}");
-    assert!(nodes > 256 * 8, "graphs are too small: {nodes} nodes in 256 graphs");
+    assert!(
+        nodes > 256 * 8,
+        "graphs are too small: {nodes} nodes in 256 graphs"
+    );
 }

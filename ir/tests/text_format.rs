@@ -5,7 +5,10 @@ use kiln_ir::text::{parse, parse_file, print};
 use std::path::Path;
 
 fn example_path() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/attention_block/attention_block.kir"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/attention_block/attention_block.kir"
+    ))
 }
 
 #[test]
@@ -14,7 +17,8 @@ fn attention_block_prints_as_snapshot_and_round_trips() {
     kiln_ir::verify(&graph).unwrap();
     let printed = print(&graph);
     insta::assert_snapshot!("attention_block", printed);
-    let reparsed = kiln_ir::text::parse_with_base(&printed, example_path().parent().unwrap()).unwrap();
+    let reparsed =
+        kiln_ir::text::parse_with_base(&printed, example_path().parent().unwrap()).unwrap();
     assert_eq!(print(&reparsed), printed);
 }
 
@@ -26,7 +30,10 @@ fn text_without_weights_file_keeps_references() {
     assert_eq!(print(&metadata_only), printed);
     let weight = metadata_only.weights().get("q_proj.weight").unwrap();
     assert!(weight.data.is_none());
-    assert_eq!(weight.checksum, graph.weights().get("q_proj.weight").unwrap().checksum);
+    assert_eq!(
+        weight.checksum,
+        graph.weights().get("q_proj.weight").unwrap().checksum
+    );
 }
 
 #[test]
@@ -90,7 +97,9 @@ const MALFORMED: &[(&str, &str)] = &[
 fn malformed_text_is_rejected_with_line_and_column() {
     let base = std::env::temp_dir();
     for (src, expected) in MALFORMED {
-        let error = kiln_ir::text::parse_with_base(src, &base).expect_err(src).to_string();
+        let error = kiln_ir::text::parse_with_base(src, &base)
+            .expect_err(src)
+            .to_string();
         assert!(
             error.starts_with(expected),
             "for input:\n{src}\nexpected error starting with: {expected}\n                   got: {error}"
@@ -101,17 +110,28 @@ fn malformed_text_is_rejected_with_line_and_column() {
 #[test]
 fn missing_weights_file_is_named() {
     let src = "graph \"g\" {\n  weights \"does-not-exist.safetensors\"\n}";
-    let error = kiln_ir::text::parse_with_base(src, Path::new("/nonexistent")).unwrap_err().to_string();
-    assert!(error.starts_with("2:11: /nonexistent/does-not-exist.safetensors: "), "{error}");
+    let error = kiln_ir::text::parse_with_base(src, Path::new("/nonexistent"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("2:11: /nonexistent/does-not-exist.safetensors: "),
+        "{error}"
+    );
 }
 
 #[test]
 fn deeply_nested_input_is_an_error_not_a_stack_overflow() {
     let dims = format!("{}1{}", "(".repeat(10_000), ")".repeat(10_000));
     let src = format!("graph \"g\" {{\n  input %x : f32[{dims}]\n  output \"x\" = %x\n}}");
-    assert!(parse(&src).unwrap_err().message.contains("nested too deeply"));
+    assert!(parse(&src)
+        .unwrap_err()
+        .message
+        .contains("nested too deeply"));
     let list = format!("graph \"g\" {{\n  input %x : f32[1]\n  %y = softmax(%x) {{axis = {}1{}}}\n  output \"y\" = %y\n}}", "[".repeat(10_000), "]".repeat(10_000));
-    assert!(parse(&list).unwrap_err().message.contains("nested too deeply"));
+    assert!(parse(&list)
+        .unwrap_err()
+        .message
+        .contains("nested too deeply"));
 }
 
 #[test]
@@ -125,8 +145,16 @@ fn weights_file_checksums_and_types_are_checked() {
     assert!(error.message.contains("has checksum"), "{error}");
     let retyped = printed.replacen(": f32[16, 16] checksum", ": f32[16, 8] checksum", 1);
     let error = kiln_ir::text::parse_with_base(&retyped, base).unwrap_err();
-    assert!(error.message.contains("in the weights file, the text says f32[16, 8]"), "{error}");
+    assert!(
+        error
+            .message
+            .contains("in the weights file, the text says f32[16, 8]"),
+        "{error}"
+    );
     let renamed = printed.replacen("const \"q_proj.weight\"", "const \"q_proj.weights\"", 1);
     let error = kiln_ir::text::parse_with_base(&renamed, base).unwrap_err();
-    assert!(error.message.contains("is not in the weights file"), "{error}");
+    assert!(
+        error.message.contains("is not in the weights file"),
+        "{error}"
+    );
 }

@@ -479,12 +479,12 @@ mod tests {
         assert_eq!(unary(UnaryOp::Relu, &[-1.0, 0.5]), [0.0, 0.5]);
         assert_close(
             &unary(UnaryOp::Exp, &[0.0, 1.0, -1.0]),
-            &[1.0, 2.718_281_8, 0.367_879_44],
+            &[1.0, std::f32::consts::E, 0.367_879_44],
             1e-7,
         );
         assert_close(
             &unary(UnaryOp::Log, &[1.0, 10.0]),
-            &[0.0, 2.302_585_1],
+            &[0.0, std::f32::consts::LN_10],
             1e-7,
         );
         assert_eq!(unary(UnaryOp::Sqrt, &[4.0, 2.25]), [2.0, 1.5]);
@@ -535,9 +535,9 @@ mod tests {
     #[test]
     fn integer_and_bool_unaries() {
         let x = Tensor::i64(&[3], vec![-2, 0, 5]).unwrap();
-        let neg = eval(&Op::Unary(UnaryOp::Neg), &[x.clone()]).unwrap();
+        let neg = eval(&Op::Unary(UnaryOp::Neg), std::slice::from_ref(&x)).unwrap();
         assert_eq!(neg.to_i64s(), [2, 0, -5]);
-        let relu = eval(&Op::Unary(UnaryOp::Relu), &[x.clone()]).unwrap();
+        let relu = eval(&Op::Unary(UnaryOp::Relu), std::slice::from_ref(&x)).unwrap();
         assert_eq!(relu.to_i64s(), [0, 0, 5]);
         let b = Tensor::bool(&[2], vec![true, false]).unwrap();
         assert_eq!(
@@ -661,9 +661,9 @@ mod tests {
     #[test]
     fn cast_rounds_truncates_and_wraps() {
         let x = Tensor::f32(&[4], vec![1.7, -1.7, 0.0, 300.0]).unwrap();
-        let as_int = eval(&Op::Cast { to: DType::I64 }, &[x.clone()]).unwrap();
+        let as_int = eval(&Op::Cast { to: DType::I64 }, std::slice::from_ref(&x)).unwrap();
         assert_eq!(as_int.to_i64s(), [1, -1, 0, 300]);
-        let as_bool = eval(&Op::Cast { to: DType::Bool }, &[x.clone()]).unwrap();
+        let as_bool = eval(&Op::Cast { to: DType::Bool }, std::slice::from_ref(&x)).unwrap();
         assert_eq!(as_bool.to_bools(), [true, true, false, true]);
         let as_u8 = eval(&Op::Cast { to: DType::U8 }, &[as_int]).unwrap();
         assert_eq!(as_u8.to_i64s(), [1, 255, 0, 44]);

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::dim::{Dim, Shape};
 use crate::tensor::{strides, Tensor};
+use std::ops::{Add, Div, Sub};
 
 pub(super) fn infer_transpose(
     operands: &[&TensorType],
@@ -300,6 +301,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use std::collections::HashMap;
+    use std::ops::Mul;
 
     fn iota(dims: &[usize]) -> Tensor {
         let n: usize = dims.iter().product();
@@ -406,7 +408,7 @@ mod tests {
     #[test]
     fn slice_follows_onnx_semantics() {
         let x = iota(&[10]);
-        let run = |op: Op| f32s(&eval(&op, &[x.clone()]).unwrap());
+        let run = |op: Op| f32s(&eval(&op, std::slice::from_ref(&x)).unwrap());
         assert_eq!(run(slice(0, 2i64, 5i64, 1)), [2., 3., 4.]);
         assert_eq!(run(slice(0, -3i64, 100i64, 1)), [7., 8., 9.]);
         assert_eq!(run(slice(0, 1i64, 8i64, 3)), [1., 4., 7.]);

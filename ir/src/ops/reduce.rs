@@ -236,7 +236,9 @@ mod tests {
     fn reductions_by_hand() {
         // x = [[1, 2, 3], [4, 5, 6]]
         let x = Tensor::f32(&[2, 3], vec![1., 2., 3., 4., 5., 6.]).unwrap();
-        let run = |op, axes: &[i64], keep| eval(&reduce(op, axes, keep), &[x.clone()]).unwrap();
+        let run = |op, axes: &[i64], keep| {
+            eval(&reduce(op, axes, keep), std::slice::from_ref(&x)).unwrap()
+        };
         assert_eq!(f32s(&run(ReduceOp::Sum, &[1], false)), [6., 15.]);
         assert_eq!(f32s(&run(ReduceOp::Sum, &[0], false)), [5., 7., 9.]);
         assert_eq!(f32s(&run(ReduceOp::Mean, &[-1], true)), [2., 5.]);
@@ -263,7 +265,11 @@ mod tests {
     #[test]
     fn integer_reductions_stay_integer() {
         let x = Tensor::i64(&[2, 2], vec![i64::MAX - 1, 1, -3, 4]).unwrap();
-        let sum = eval(&reduce(ReduceOp::Sum, &[1], false), &[x.clone()]).unwrap();
+        let sum = eval(
+            &reduce(ReduceOp::Sum, &[1], false),
+            std::slice::from_ref(&x),
+        )
+        .unwrap();
         assert_eq!(sum.to_i64s(), [i64::MAX, 1]);
         let max = eval(&reduce(ReduceOp::Max, &[0], false), &[x]).unwrap();
         assert_eq!(max.to_i64s(), [i64::MAX - 1, 4]);

@@ -14,8 +14,8 @@
 //! ```
 //!
 //! Nodes print in [`crate::Graph::order`]. Weights print by reference (name, type, checksum) and
-//! live in the safetensors file named by `weights`, relative to the `.kir` file; weights of at
-//! most [`INLINE_LIMIT`] elements print inline. `#` starts a comment. Node names are bare
+//! live in the safetensors file named by `weights`, relative to the `.kir` file; small weights the
+//! graph owns (at most [`INLINE_LIMIT`] elements, not read from a file) print their values inline. `#` starts a comment. Node names are bare
 //! (`[A-Za-z0-9_./-]+`) or quoted (`%"onnx::Shape_422"`).
 
 mod lexer;

@@ -42,12 +42,12 @@ impl fmt::Display for ParseError {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// Reading the file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The text is invalid.
     #[error("{path}:{error}")]
@@ -71,9 +71,9 @@ pub fn parse_with_base(src: &str, base_dir: &Path) -> Result<Graph, ParseError> 
 
 /// Reads and parses a `.kir` file, with its weights.
 pub fn parse_file(path: &Path) -> Result<Graph, LoadError> {
-    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let src = std::fs::read_to_string(path).map_err(|cause| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse_with_base(&src, base).map_err(|error| LoadError::Parse {

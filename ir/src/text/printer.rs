@@ -1,7 +1,6 @@
 //! Graph to text.
 
 use super::lexer::is_name_char;
-use super::INLINE_LIMIT;
 use crate::graph::Graph;
 use crate::ops::{write_attr_list, Op};
 use crate::tensor::{Data, Tensor};
@@ -79,13 +78,11 @@ pub(super) fn node_name(name: &str) -> String {
     }
 }
 
-/// The values of a small loaded weight, as the text writes them.
+/// The values of a weight the text writes inline: a small one that the graph owns (weights read
+/// from a file print by reference, so that the text and the file stay separate).
 fn inline_values(weight: &Weight) -> Option<Vec<String>> {
-    let bytes = weight.data.as_ref()?;
-    if weight.numel() > INLINE_LIMIT {
-        return None;
-    }
-    let tensor = Tensor::from_le_bytes(weight.dtype, weight.shape.clone(), bytes.bytes()).ok()?;
+    let bytes = weight.inline_bytes()?;
+    let tensor = Tensor::from_le_bytes(weight.dtype, weight.shape.clone(), bytes).ok()?;
     Some(match tensor.data() {
         Data::F32(v) => v.iter().map(|x| format!("{x:?}")).collect(),
         Data::F16(v) => v.iter().map(|x| format!("{:?}", x.to_f32())).collect(),

@@ -1,0 +1,167 @@
+//! The `kiln` command line, end to end: the README's example, and clear errors for bad input.
+
+use kiln_ir::Data;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn example(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/attention_block")
+        .join(file)
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs")
+}
+
+fn f32s(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let tensors = kiln_ir::load_tensors(path).unwrap();
+    let tensor = &tensors[name];
+    match tensor.data() {
+        Data::F32(v) => (tensor.shape().to_vec(), v.clone()),
+        other => panic!("{name} is {:?}", other.dtype()),
+    }
+}
+
+#[test]
+fn run_matches_the_independent_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let result = kiln(&[
+        "run",
+        example("attention_block.kir").to_str().unwrap(),
+        "--inputs",
+        example("inputs.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(String::from_utf8_lossy(&result.stdout).contains("hidden_states: f32[2, 5, 16]"));
+    let (shape, actual) = f32s(&out, "hidden_states");
+    let (expected_shape, expected) = f32s(&example("expected.safetensors"), "hidden_states");
+    assert_eq!(shape, expected_shape);
+    let max_diff = actual
+        .iter()
+        .zip(&expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0, f32::max);
+    assert!(max_diff < 1e-5, "max abs diff {max_diff}");
+}
+
+#[test]
+fn inspect_prints_the_graph_and_a_summary() {
+    let result = kiln(&[
+        "inspect",
+        example("attention_block.kir").to_str().unwrap(),
+        "--dim",
+        "seq=16",
+        "--dim",
+        "batch=1",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.starts_with("graph \"attention_block\" {"));
+    assert!(stdout.contains("  matmul           6\n"));
+    assert!(stdout.contains("parameters: 1091 (4364 bytes)"));
+    // Projections 4 x (2*16*16*16), scores and context 2 x (2*2*16*16*8), softmax 4*2*16*16, plus elementwise.
+    assert!(
+        stdout.contains("flops: 53280 (at batch=1, seq=16)"),
+        "{stdout}"
+    );
+    let json = kiln(&[
+        "inspect",
+        example("attention_block.kir").to_str().unwrap(),
+        "--json",
+    ]);
+    let round_trip = kiln_ir::json::from_json(&String::from_utf8_lossy(&json.stdout)).unwrap();
+    assert_eq!(round_trip.len(), 38);
+}
+
+fn expect_error(args: &[&str], needle: &str) {
+    let result = kiln(args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let out = out.to_str().unwrap();
+    let model = example("attention_block.kir");
+    let model = model.to_str().unwrap();
+    expect_error(
+        &["inspect", "model.onnx"],
+        "model.onnx: unsupported model format",
+    );
+    expect_error(&["inspect", "missing.kir"], "missing.kir: No such file");
+    expect_error(
+        &["inspect", model, "--dim", "sequence=4"],
+        "--dim names unknown symbols: sequence",
+    );
+    let weights = example("attention_block.safetensors");
+    expect_error(
+        &[
+            "run",
+            model,
+            "--inputs",
+            weights.to_str().unwrap(),
+            "--output",
+            out,
+        ],
+        "missing inputs: x, attention_mask",
+    );
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\xffnot a header").unwrap();
+    expect_error(
+        &[
+            "run",
+            model,
+            "--inputs",
+            garbage.to_str().unwrap(),
+            "--output",
+            out,
+        ],
+        "garbage.safetensors",
+    );
+    let bad = dir.path().join("bad.kir");
+    std::fs::write(
+        &bad,
+        "graph \"g\" {\n  input %x : f32[3]\n  %y = exp(%x) : f32[4]\n  output \"y\" = %y\n}\n",
+    )
+    .unwrap();
+    expect_error(
+        &["inspect", bad.to_str().unwrap()],
+        "bad.kir:3:18: node %y (exp): declared type f32[4] differs from the inferred f32[3]",
+    );
+}
+
+#[test]
+fn inputs_beyond_a_symbol_maximum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("long.safetensors");
+    let x = kiln_ir::Tensor::f32(&[1, 65, 16], vec![0.0; 65 * 16]).unwrap();
+    let mask = kiln_ir::Tensor::i64(&[1, 65], vec![1; 65]).unwrap();
+    kiln_ir::save_tensors(&inputs, &[("x".into(), x), ("attention_mask".into(), mask)]).unwrap();
+    let out = dir.path().join("out.safetensors");
+    expect_error(
+        &["run", example("attention_block.kir").to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--output", out.to_str().unwrap()],
+        "input `x` is f32[1, 65, 16], expected f32[batch, seq, 16]: axis 1: seq = 65 is outside 1..=64",
+    );
+}
