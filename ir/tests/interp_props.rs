@@ -6,7 +6,6 @@ mod common;
 use common::arb_graph;
 use kiln_ir::{interp, Tensor};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use std::collections::HashMap;
 
 /// Deterministic inputs for every graph input with `batch = 2`, `seq = 3`; integers stay small
@@ -42,11 +41,7 @@ fn inputs_for(graph: &kiln_ir::Graph) -> HashMap<String, Tensor> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::config())]
 
     #[test]
     fn interpreter_never_panics_and_honours_types(graph in arb_graph()) {

@@ -8,14 +8,9 @@ use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use kiln_ir::text::{parse, print};
 use kiln_ir::{json, Op};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::config())]
 
     #[test]
     fn random_graphs_round_trip_through_text(graph in arb_graph()) {

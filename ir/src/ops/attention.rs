@@ -1,7 +1,7 @@
 //! Fused scaled dot-product attention and the static masks it knows.
 
 use super::{
-    broadcast_shapes, expect_arity, expect_float, expect_same_dtype, AttrValue, Attrs, EvalCtx,
+    broadcasts_to, expect_arity, expect_float, expect_same_dtype, AttrValue, Attrs, EvalCtx,
     TensorType,
 };
 use crate::dim::{Dim, Shape};
@@ -102,28 +102,21 @@ impl MaskSpec {
 
     fn parse(attrs: &mut Attrs) -> Result<MaskSpec, String> {
         let (kind, mut args) = attrs.call("mask")?;
-        let mut positive = |key: &str| -> Result<u32, String> {
-            let v = args.int(key)?;
-            u32::try_from(v)
-                .ok()
-                .filter(|&v| v > 0)
-                .ok_or_else(|| format!("mask `{key}` must be a positive integer, got {v}"))
-        };
         let spec = match kind.as_str() {
             "dense" => MaskSpec::Dense,
             "causal" => MaskSpec::Causal,
             "sliding_window" => MaskSpec::SlidingWindow {
-                window: positive("window")?,
+                window: args.positive_u32("window")?,
             },
             "global_local" => {
-                let global = positive("global")?;
+                let global = args.positive_u32("global")?;
                 MaskSpec::GlobalLocal {
                     global,
-                    window: positive("window")?,
+                    window: args.positive_u32("window")?,
                 }
             }
             "block_sparse" => {
-                let block = positive("block")?;
+                let block = args.positive_u32("block")?;
                 let layout = args
                     .list("layout")?
                     .into_iter()
@@ -176,18 +169,11 @@ impl Attention {
     pub(super) fn parse(attrs: &mut Attrs) -> Result<Attention, String> {
         let scale = attrs.f32("scale")?;
         let mask = MaskSpec::parse(attrs)?;
-        let mut tile = |key: &str| -> Result<u32, String> {
-            let v = attrs.int(key)?;
-            u32::try_from(v)
-                .ok()
-                .filter(|&v| v > 0)
-                .ok_or_else(|| format!("`{key}` must be a positive integer, got {v}"))
-        };
         Ok(Attention {
             scale,
             mask,
-            tile_q: tile("tile_q")?,
-            tile_k: tile("tile_k")?,
+            tile_q: attrs.positive_u32("tile_q")?,
+            tile_k: attrs.positive_u32("tile_k")?,
         })
     }
 
@@ -241,8 +227,7 @@ impl Attention {
                 expect_same_dtype(q, mask)?;
             }
             let scores = Shape(vec![b.clone(), h.clone(), sq.clone(), sk.clone()]);
-            let shape = broadcast_shapes(&scores, &mask.shape)?;
-            if shape.rank() != 4 || !shape.0.iter().zip(&scores.0).all(|(x, y)| x.equiv(y)) {
+            if !broadcasts_to(&mask.shape, &scores) {
                 return Err(format!(
                     "attention mask {mask} does not broadcast to the scores {scores}"
                 ));

@@ -36,21 +36,32 @@ pub(super) fn infer_transpose(
 }
 
 pub(super) fn eval_transpose(x: &Tensor, perm: &[usize], ctx: EvalCtx) -> Tensor {
+    take_by_coordinates(x, ctx.out_shape, |axis, i| (perm[axis], i))
+}
+
+/// Builds a tensor of `out_shape` whose element at coordinate `i` on each output `axis` is read
+/// at `source(axis, i) = (input axis, input coordinate)`.
+fn take_by_coordinates(
+    x: &Tensor,
+    out_shape: &[usize],
+    source: impl Fn(usize, usize) -> (usize, usize),
+) -> Tensor {
     let in_strides = strides(x.shape());
-    let out_strides = strides(ctx.out_shape);
-    let total: usize = ctx.out_shape.iter().product();
+    let out_strides = strides(out_shape);
+    let total: usize = out_shape.iter().product();
     let indices: Vec<usize> = (0..total)
         .map(|flat| {
             let mut rem = flat;
             let mut offset = 0;
             for (axis, &stride) in out_strides.iter().enumerate() {
-                offset += (rem / stride) * in_strides[perm[axis]];
+                let (in_axis, in_index) = source(axis, rem / stride);
+                offset += in_index * in_strides[in_axis];
                 rem %= stride;
             }
             offset
         })
         .collect();
-    x.take(ctx.out_shape.to_vec(), &indices)
+    x.take(out_shape.to_vec(), &indices)
 }
 
 fn expect_sizes(shape: &Shape) -> Result<(), String> {
@@ -232,23 +243,14 @@ pub(super) fn eval_slice(
             ctx.out_shape[axis]
         ));
     }
-    let in_strides = strides(x.shape());
-    let out_strides = strides(ctx.out_shape);
-    let total: usize = ctx.out_shape.iter().product();
-    let indices: Vec<usize> = (0..total)
-        .map(|flat| {
-            let mut rem = flat;
-            let mut offset = 0i64;
-            for (a, &stride) in out_strides.iter().enumerate() {
-                let i = (rem / stride) as i64;
-                rem %= stride;
-                let source = if a == axis { first + i * step } else { i };
-                offset += source * in_strides[a] as i64;
-            }
-            offset as usize
-        })
-        .collect();
-    Ok(x.take(ctx.out_shape.to_vec(), &indices))
+    Ok(take_by_coordinates(x, ctx.out_shape, |a, i| {
+        let index = if a == axis {
+            (first + i as i64 * step) as usize
+        } else {
+            i
+        };
+        (a, index)
+    }))
 }
 
 pub(super) fn infer_gather(operands: &[&TensorType], axis: i64) -> Result<TensorType, String> {

@@ -1,8 +1,8 @@
 //! Matrix products: numpy-style `matmul`, and `gemm` with a fused epilogue.
 
 use super::{
-    broadcast_shapes, expect_arity, expect_float, expect_same_dtype, AttrValue, Attrs, EvalCtx,
-    TensorType, UnaryOp,
+    broadcast_shapes, broadcasts_to, expect_arity, expect_float, expect_same_dtype, AttrValue,
+    Attrs, EvalCtx, TensorType, UnaryOp,
 };
 use crate::dim::Shape;
 use crate::tensor::Tensor;
@@ -175,14 +175,7 @@ impl Gemm {
         if self.bias {
             let bias = operands[next];
             expect_same_dtype(&product, bias)?;
-            let shape = broadcast_shapes(&product.shape, &bias.shape)?;
-            if !shape
-                .0
-                .iter()
-                .zip(&product.shape.0)
-                .all(|(x, y)| x.equiv(y))
-                || shape.rank() != product.rank()
-            {
+            if !broadcasts_to(&bias.shape, &product.shape) {
                 return Err(format!(
                     "bias {bias} does not broadcast to the product {product}"
                 ));
@@ -192,14 +185,7 @@ impl Gemm {
         if self.residual {
             let residual = operands[next];
             expect_same_dtype(&product, residual)?;
-            let same = residual.rank() == product.rank()
-                && residual
-                    .shape
-                    .0
-                    .iter()
-                    .zip(&product.shape.0)
-                    .all(|(x, y)| x.equiv(y));
-            if !same {
+            if !TensorType::new(residual.dtype, product.shape.clone()).equiv(residual) {
                 return Err(format!(
                     "residual {residual} must have the product's shape {}",
                     product.shape

@@ -302,6 +302,14 @@ impl Attrs {
         as_int(key, self.take(key)?)
     }
 
+    pub(crate) fn positive_u32(&mut self, key: &str) -> Result<u32, String> {
+        let v = self.int(key)?;
+        u32::try_from(v)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| format!("attribute `{key}` must be a positive integer, got {v}"))
+    }
+
     pub(crate) fn dim(&mut self, key: &str) -> Result<Dim, String> {
         match self.take(key)? {
             AttrValue::Dim(d) => Ok(d),
@@ -773,6 +781,13 @@ pub(crate) fn broadcast_shapes(a: &Shape, b: &Shape) -> Result<Shape, String> {
         out.push(dim);
     }
     Ok(Shape(out))
+}
+
+/// True when `shape` broadcasts to exactly `target` (numpy rules, without growing `target`).
+pub(crate) fn broadcasts_to(shape: &Shape, target: &Shape) -> bool {
+    broadcast_shapes(target, shape).is_ok_and(|out| {
+        out.rank() == target.rank() && out.0.iter().zip(&target.0).all(|(a, b)| a.equiv(b))
+    })
 }
 
 /// Requires a float dtype.

@@ -1,8 +1,8 @@
 //! Normalizations: `layer_norm` (ONNX LayerNormalization) and `rms_norm` (LLaMA's RMSNorm).
 
 use super::{
-    broadcast_shapes, expect_arity, expect_float, expect_same_dtype, normalize_axis, AttrValue,
-    Attrs, EvalCtx, Op, TensorType,
+    broadcasts_to, expect_arity, expect_float, expect_same_dtype, normalize_axis, AttrValue, Attrs,
+    EvalCtx, Op, TensorType,
 };
 use crate::dim::Shape;
 use crate::dtype::F32;
@@ -23,10 +23,9 @@ pub(super) fn parse_layer_norm(attrs: &mut Attrs) -> Result<Op, String> {
 fn check_params(x: &TensorType, normalized: &Shape, params: &[&TensorType]) -> Result<(), String> {
     for param in params {
         expect_same_dtype(x, param)?;
-        let shape = broadcast_shapes(normalized, &param.shape)?;
-        if shape.rank() != normalized.rank() {
+        if !broadcasts_to(&param.shape, normalized) {
             return Err(format!(
-                "parameter {param} has more axes than the normalized dims {normalized}"
+                "parameter {param} does not broadcast to the normalized dims {normalized}"
             ));
         }
     }
@@ -194,13 +193,26 @@ mod tests {
             ],
         )
         .unwrap_err();
-        assert!(err.contains("do not broadcast"), "{err}");
+        assert!(
+            err.contains("does not broadcast to the normalized dims"),
+            "{err}"
+        );
         let err = infer(
             &op,
             &[ty(DType::F32, &["seq", "4"]), ty(DType::F32, &["seq", "4"])],
         )
         .unwrap_err();
-        assert!(err.contains("more axes"), "{err}");
+        assert!(
+            err.contains("does not broadcast to the normalized dims"),
+            "{err}"
+        );
+        // Regression (found by the interpreter property test): an empty scale must not
+        // broadcast up to a non-empty row.
+        let err = infer(&op, &[ty(DType::F32, &["1"]), ty(DType::F32, &["0"])]).unwrap_err();
+        assert!(
+            err.contains("does not broadcast to the normalized dims"),
+            "{err}"
+        );
         assert!(infer(
             &Op::RmsNorm { eps: F32(1e-6) },
             &[ty(DType::I64, &["4"]), ty(DType::I64, &["4"])]

@@ -1,8 +1,6 @@
 //! Rotary position embedding.
 
-use super::{
-    broadcast_shapes, expect_arity, expect_float, AttrValue, Attrs, EvalCtx, Op, TensorType,
-};
+use super::{broadcasts_to, expect_arity, expect_float, AttrValue, Attrs, EvalCtx, Op, TensorType};
 use crate::dim::Shape;
 use crate::dtype::F32;
 use crate::tensor::Tensor;
@@ -40,8 +38,7 @@ pub(super) fn infer_rope(operands: &[&TensorType]) -> Result<TensorType, String>
         ));
     }
     let rows = Shape(vec![x.shape.0[0].clone(), x.shape.0[2].clone()]);
-    let shape = broadcast_shapes(&rows, &positions.shape)?;
-    if !shape.0.iter().zip(&rows.0).all(|(a, b)| a.equiv(b)) {
+    if !broadcasts_to(&positions.shape, &rows) {
         return Err(format!(
             "rope positions {positions} do not broadcast to {rows}"
         ));

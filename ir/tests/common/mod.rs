@@ -3,6 +3,7 @@
 use kiln_ir::ops::{Attention, BinaryOp, Gemm, MaskSpec, ReduceOp, UnaryOp};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Scalar, Shape, TensorType, Weight, F32};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use std::ops::Mul;
 
 /// One construction step: which op to try and the numbers that pick its operands and attributes.
@@ -289,4 +290,19 @@ pub fn arb_graph() -> impl Strategy<Value = Graph> {
         ),
     )
         .prop_map(|(inputs, steps)| build(&inputs, &steps))
+}
+
+/// The property tests' settings: 256 cases per run (more with `PROPTEST_CASES=N`), failures
+/// saved beside the test source.
+pub fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+        .max(256);
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
 }
