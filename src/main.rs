@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_frontend::InputShapes;
 use kiln_ir::{interp, json, text, Graph, Summary, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,11 @@ struct Cli {
 enum Command {
     /// Print a model's verified IR and a summary: op histogram, parameters, FLOPs.
     Inspect {
-        /// A `.kir` file.
+        /// A `.kir` file or a safetensors model directory.
         model: PathBuf,
+        /// Input dims: `input_ids=1x128`, or symbolic with maxima `input_ids=batch:8xseq:512`.
+        #[arg(long = "shape", value_name = "INPUT=DIMS")]
+        shapes: Vec<String>,
         /// Bind a symbolic dim for the FLOPs estimate, e.g. `--dim seq=128` (default: its maximum).
         #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_binding)]
         dims: Vec<(String, i64)>,
@@ -30,8 +34,11 @@ enum Command {
     },
     /// Run a model on inputs from a safetensors file and write its outputs to another.
     Run {
-        /// A `.kir` file.
+        /// A `.kir` file or a safetensors model directory.
         model: PathBuf,
+        /// Input dims: `input_ids=1x128`, or symbolic with maxima `input_ids=batch:8xseq:512`.
+        #[arg(long = "shape", value_name = "INPUT=DIMS")]
+        shapes: Vec<String>,
         /// Inputs, keyed by graph input name.
         #[arg(long)]
         inputs: PathBuf,
@@ -61,23 +68,16 @@ fn parse_binding(arg: &str) -> Result<(String, i64), String> {
     Ok((name.to_string(), value))
 }
 
-fn load_model(path: &Path) -> Result<Graph> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("kir") => {
-            let graph = text::parse_file(path)?;
-            kiln_ir::verify(&graph).with_context(|| format!("{}", path.display()))?;
-            Ok(graph)
-        }
-        _ => bail!(
-            "{}: unsupported model format: kiln reads `.kir` files (the ONNX, safetensors and GGUF \
-             frontends are not built yet)",
-            path.display()
-        ),
+fn load_model(path: &Path, shape_args: &[String]) -> Result<Graph> {
+    let mut shapes = InputShapes::new();
+    for arg in shape_args {
+        shapes.parse_arg(arg).map_err(anyhow::Error::msg)?;
     }
+    Ok(kiln_frontend::load(path, &shapes)?)
 }
 
-fn inspect(model: &Path, dims: &[(String, i64)], as_json: bool) -> Result<()> {
-    let graph = load_model(model)?;
+fn inspect(model: &Path, shapes: &[String], dims: &[(String, i64)], as_json: bool) -> Result<()> {
+    let graph = load_model(model, shapes)?;
     if as_json {
         println!("{}", json::to_json(&graph));
         return Ok(());
@@ -97,8 +97,14 @@ fn inspect(model: &Path, dims: &[(String, i64)], as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(model: &Path, inputs: &Path, output: &Path, backend: Backend) -> Result<()> {
-    let graph = load_model(model)?;
+fn run(
+    model: &Path,
+    shapes: &[String],
+    inputs: &Path,
+    output: &Path,
+    backend: Backend,
+) -> Result<()> {
+    let graph = load_model(model, shapes)?;
     let inputs: HashMap<String, Tensor> = kiln_ir::load_tensors(inputs)?.into_iter().collect();
     let outputs = match backend {
         Backend::Interp => {
@@ -116,13 +122,19 @@ fn run(model: &Path, inputs: &Path, output: &Path, backend: Backend) -> Result<(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Inspect { model, dims, json } => inspect(model, dims, *json),
+        Command::Inspect {
+            model,
+            shapes,
+            dims,
+            json,
+        } => inspect(model, shapes, dims, *json),
         Command::Run {
             model,
+            shapes,
             inputs,
             output,
             backend,
-        } => run(model, inputs, output, *backend),
+        } => run(model, shapes, inputs, output, *backend),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,144 @@
+//! Parity with the reference outputs in `../shared/fixtures`, computed by transformers and ONNX
+//! Runtime on real models, through the reference interpreter. Real models come from
+//! `scripts/fetch-models.sh`; a missing model fails the test.
+
+use kiln_frontend::{load, InputShapes};
+use kiln_ir::{interp, load_tensors, Data, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+}
+
+fn model(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        path.display()
+    );
+    path
+}
+
+fn f32s(t: &Tensor) -> &[f32] {
+    match t.data() {
+        Data::F32(v) => v,
+        other => panic!("expected f32, got {:?}", other.dtype()),
+    }
+}
+
+fn run(graph: &kiln_ir::Graph, inputs: Vec<(&str, &Tensor)>) -> BTreeMap<String, Tensor> {
+    let inputs: HashMap<String, Tensor> = inputs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    interp::run(graph, &inputs).unwrap().into_iter().collect()
+}
+
+/// Max abs difference over tokens whose mask is 1; `[batch, seq, width]` against `[batch, seq]`.
+fn max_diff_valid_tokens(actual: &Tensor, expected: &Tensor, mask: &Tensor) -> f32 {
+    assert_eq!(actual.shape(), expected.shape());
+    let width = actual.shape()[2];
+    let mask = mask.to_i64s();
+    f32s(actual)
+        .chunks(width)
+        .zip(f32s(expected).chunks(width))
+        .zip(mask)
+        .filter(|(_, m)| *m == 1)
+        .flat_map(|((a, e), _)| a.iter().zip(e).map(|(a, e)| (a - e).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn max_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.shape(), expected.shape());
+    f32s(actual)
+        .iter()
+        .zip(f32s(expected))
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_bert_safetensors_matches_transformers() {
+    let dir = fixtures().join("tiny-bert");
+    let graph = load(&dir, &InputShapes::new()).unwrap();
+    let reference = load_tensors(&dir.join("reference.safetensors")).unwrap();
+    let out = run(
+        &graph,
+        vec![
+            ("input_ids", &reference["input_ids"]),
+            ("attention_mask", &reference["attention_mask"]),
+            ("token_type_ids", &reference["token_type_ids"]),
+        ],
+    );
+    let diff = max_diff_valid_tokens(
+        &out["last_hidden_state"],
+        &reference["last_hidden_state"],
+        &reference["attention_mask"],
+    );
+    println!("tiny-bert safetensors: max abs diff {diff:e}");
+    assert!(diff <= 1e-5, "max abs diff {diff}");
+}
+
+#[test]
+fn tiny_llama_safetensors_matches_transformers() {
+    let dir = fixtures().join("tiny-llama");
+    let graph = load(&dir, &InputShapes::new()).unwrap();
+    let reference = load_tensors(&dir.join("reference.safetensors")).unwrap();
+    let out = run(&graph, vec![("input_ids", &reference["input_ids"])]);
+    let diff = max_diff(&out["logits"], &reference["logits"]);
+    println!("tiny-llama: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}
+
+#[test]
+fn minilm_l6_safetensors_matches_transformers_and_sentence_transformers() {
+    let graph = load(&model("minilm-l6"), &InputShapes::new()).unwrap();
+    let reference = load_tensors(&fixtures().join("minilm-l6/reference.safetensors")).unwrap();
+    let cases = [
+        "single0",
+        "single1",
+        "single2",
+        "single3",
+        "single4",
+        "single5",
+        "batch4_padded",
+    ];
+    for case in cases {
+        let get = |name: &str| &reference[&format!("{case}.{name}")];
+        let out = run(
+            &graph,
+            vec![
+                ("input_ids", get("input_ids")),
+                ("attention_mask", get("attention_mask")),
+                ("token_type_ids", get("token_type_ids")),
+            ],
+        );
+        let diff = max_diff_valid_tokens(
+            &out["last_hidden_state"],
+            get("last_hidden_state"),
+            get("attention_mask"),
+        );
+        let width = 384;
+        let cosines: Vec<f64> = f32s(&out["sentence_embedding"])
+            .chunks(width)
+            .zip(f32s(get("sentence_embedding")).chunks(width))
+            .map(|(a, e)| {
+                let dot: f64 = a
+                    .iter()
+                    .zip(e)
+                    .map(|(a, e)| f64::from(*a) * f64::from(*e))
+                    .sum();
+                let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+                dot / (norm(a) * norm(e))
+            })
+            .collect();
+        let worst = cosines.iter().copied().fold(1.0, f64::min);
+        println!("minilm-l6 {case}: max abs diff {diff:e}, min cosine {worst:.9}");
+        assert!(diff <= 1e-4, "{case}: max abs diff {diff}");
+        assert!(worst >= 0.99999, "{case}: cosine {worst}");
+    }
+}
