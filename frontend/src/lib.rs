@@ -2,6 +2,7 @@
 //!
 //! - a directory with `config.json` and `model.safetensors`: a template per architecture
 //!   ([`safetensors`]), weights memory-mapped;
+//! - a `.gguf` file (llama.cpp): the LLaMA template over dequantized weights ([`gguf`]);
 //! - a `.kir` file: kiln's own text format.
 //!
 //! Input dims come from [`InputShapes`] (`--shape input_ids=batch:8xseq:512`): constants, or
@@ -10,6 +11,7 @@
 
 mod build;
 mod error;
+pub mod gguf;
 pub mod safetensors;
 mod shapes;
 
@@ -25,6 +27,7 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph, FrontendError> {
         safetensors::load_dir(path, shapes)?
     } else {
         match path.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => gguf::load(path, shapes)?,
             Some("kir") => {
                 if !shapes.is_empty() {
                     return Err(FrontendError::new(path, "--shape does not apply to .kir files: their dims are declared in the text"));
@@ -35,7 +38,7 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph, FrontendError> {
                 return Err(FrontendError::new(
                     path,
                     "unsupported model format: kiln reads .kir files and safetensors model directories \
-                     (config.json + model.safetensors); the ONNX and GGUF readers are not built yet",
+                     (config.json + model.safetensors) and .gguf files; the ONNX reader is not built yet",
                 ))
             }
         }

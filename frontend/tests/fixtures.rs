@@ -142,3 +142,82 @@ fn minilm_l6_safetensors_matches_transformers_and_sentence_transformers() {
         assert!(worst >= 0.99999, "{case}: cosine {worst}");
     }
 }
+
+#[test]
+fn smollm2_gguf_unpermutes_q_and_k_exactly() {
+    let file =
+        kiln_frontend::gguf::GgufFile::open(&model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .unwrap();
+    assert_eq!(file.version, 3);
+    assert_eq!(file.tensors.len(), 272);
+    let graph = load(
+        &model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &InputShapes::new(),
+    )
+    .unwrap();
+    let reference =
+        load_tensors(&fixtures().join("smollm2/layer0_qk_dequantized.safetensors")).unwrap();
+    for (gguf, hf) in [
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            "blk.0.attn_k.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+        ),
+    ] {
+        let weight = graph.weights().get(gguf).unwrap();
+        let ours = Tensor::from_le_bytes(
+            weight.dtype,
+            weight.shape.clone(),
+            weight.data.as_ref().unwrap().bytes(),
+        )
+        .unwrap();
+        assert_eq!(max_diff(&ours, &reference[hf]), 0.0, "{gguf}");
+    }
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let graph = load(
+        &model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &InputShapes::new(),
+    )
+    .unwrap();
+    let reference = load_tensors(&fixtures().join("smollm2/reference.safetensors")).unwrap();
+    for prompt in ["prompt0", "prompt1", "prompt2"] {
+        let ids = &reference[&format!("{prompt}.input_ids")];
+        let seq = ids.shape()[0];
+        let ids = ids.reshaped(vec![1, seq]).unwrap();
+        let out = run(&graph, vec![("input_ids", &ids)]);
+        let logits = f32s(&out["logits"]);
+        let vocab = 49152;
+        assert_eq!(logits.len(), seq * vocab);
+        let last4 = Tensor::f32(&[4, vocab], logits[(seq - 4) * vocab..].to_vec()).unwrap();
+        let diff = max_diff(&last4, &reference[&format!("{prompt}.logits_last4")]);
+        let top1: Vec<i64> = logits
+            .chunks(vocab)
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                        if v > best.1 {
+                            (i, v)
+                        } else {
+                            best
+                        }
+                    })
+                    .0 as i64
+            })
+            .collect();
+        let expected_top1: Vec<i64> = reference[&format!("{prompt}.top20_ids")]
+            .to_i64s()
+            .chunks(20)
+            .map(|row| row[0])
+            .collect();
+        println!("smollm2 {prompt}: max abs diff of the last 4 logits {diff:e}");
+        assert!(diff <= 2e-3, "{prompt}: max abs diff {diff}");
+        assert_eq!(top1, expected_top1, "{prompt}: top-1 ids");
+    }
+}

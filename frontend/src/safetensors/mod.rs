@@ -3,7 +3,7 @@
 //! builds the graph; weights stay memory-mapped.
 
 mod bert;
-mod llama;
+pub(crate) mod llama;
 
 use crate::build::{Builder, Result};
 use crate::error::FrontendError;

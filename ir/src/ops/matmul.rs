@@ -73,18 +73,20 @@ fn batched_matmul(a: &Tensor, b: &Tensor, trans_b: bool, out_shape: &[usize]) ->
     let b_batch = super::elementwise::broadcast_offsets(&b_shape[..b_shape.len() - 2], batch_dims);
     let (va, vb) = (a.to_f64s(), b.to_f64s());
     let mut out = Vec::with_capacity(a_batch.len() * m * n);
+    let mut row = vec![0.0f64; n];
     for (&ab, &bb) in a_batch.iter().zip(&b_batch) {
         let a_base = ab * m * k;
         let b_base = bb * k * n;
         for i in 0..m {
-            for j in 0..n {
-                let mut acc = 0.0f64;
-                for p in 0..k {
+            row.fill(0.0);
+            for p in 0..k {
+                let a_ip = va[a_base + i * k + p];
+                for (j, acc) in row.iter_mut().enumerate() {
                     let b_index = if trans_b { j * k + p } else { p * n + j };
-                    acc += va[a_base + i * k + p] * vb[b_base + b_index];
+                    *acc += a_ip * vb[b_base + b_index];
                 }
-                out.push(acc);
             }
+            out.extend_from_slice(&row);
         }
     }
     out
