@@ -275,7 +275,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
             let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
             let end = start.and_then(|s| s.checked_add(size)).filter(|&e| e <= bytes.len());
             match (start, end) {
-                (Some(start), Some(end)) if (start - data_start) % alignment == 0 => Ok(TensorInfo { name, dims, kind, range: start..end }),
+                (Some(start), Some(end)) if (start - data_start).is_multiple_of(alignment) => Ok(TensorInfo { name, dims, kind, range: start..end }),
                 (Some(_), Some(_)) => Err(format!("tensor `{name}` offset {offset} is not aligned to {alignment}")),
                 _ => Err(format!("tensor `{name}` ({size} bytes at offset {offset}) lies beyond the end of the file ({} bytes)", bytes.len())),
             }
@@ -396,7 +396,7 @@ fn unpermute_rows(weight: &Weight, n_heads: usize) -> std::result::Result<Weight
     let [rows, cols] = weight.shape[..] else {
         return Err(format!("expected a matrix, got dims {:?}", weight.shape));
     };
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || rows % n_heads != 0 || !(rows / n_heads).is_multiple_of(2) {
         return Err(format!(
             "{rows} rows do not split into {n_heads} heads of even size"
         ));

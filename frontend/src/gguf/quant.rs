@@ -40,7 +40,8 @@ impl GgmlType {
             GgmlType::Q4_1 => (BLOCK, 20),
             GgmlType::Q8_0 => (BLOCK, 34),
         };
-        (numel % per_block == 0)
+        numel
+            .is_multiple_of(per_block)
             .then(|| numel / per_block)
             .and_then(|blocks| blocks.checked_mul(block_bytes))
     }
@@ -131,6 +132,6 @@ mod tests {
         assert_eq!(GgmlType::Q4_1.byte_size(64), Some(40));
         assert_eq!(GgmlType::Q8_0.byte_size(33), None);
         assert_eq!(GgmlType::F16.byte_size(3), Some(6));
-        assert_eq!(GgmlType::Q4_0.byte_size(usize::MAX - 31), None);
+        assert_eq!(GgmlType::Q8_0.byte_size(usize::MAX - 31), None);
     }
 }
