@@ -54,7 +54,7 @@ fn generator_exercises_every_op() {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut nodes = 0;
-    for _ in 0..256 {
+    for _ in 0..1024 {
         let graph = arb_graph().new_tree(&mut runner).unwrap().current();
         nodes += graph.len();
         for id in graph.node_ids() {

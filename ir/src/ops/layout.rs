@@ -297,6 +297,72 @@ pub(super) fn eval_gather(
     Ok(data.take(ctx.out_shape.to_vec(), &flat))
 }
 
+pub(super) fn infer_gather_nd(
+    operands: &[&TensorType],
+    batch_dims: usize,
+) -> Result<TensorType, String> {
+    expect_arity(operands, 2, 2)?;
+    let (data, indices) = (operands[0], operands[1]);
+    if !indices.dtype.is_int() || indices.rank() < 1 {
+        return Err(format!(
+            "gather_nd indices must be integers of rank >= 1, got {indices}"
+        ));
+    }
+    let tuple = indices.shape.0[indices.rank() - 1]
+        .as_const()
+        .ok_or_else(|| format!("gather_nd needs a constant index length, got {indices}"))?;
+    let tuple = usize::try_from(tuple).unwrap_or(usize::MAX);
+    if batch_dims >= indices.rank() || batch_dims + tuple > data.rank() || tuple == 0 {
+        return Err(format!("gather_nd of {data} with indices {indices} and batch_dims {batch_dims} is out of range"));
+    }
+    for axis in 0..batch_dims {
+        if !data.shape.0[axis].equiv(&indices.shape.0[axis]) {
+            return Err(format!(
+                "gather_nd batch axis {axis} differs: {data} vs {indices}"
+            ));
+        }
+    }
+    let mut dims = indices.shape.0[..indices.rank() - 1].to_vec();
+    dims.extend(data.shape.0[batch_dims + tuple..].iter().cloned());
+    Ok(TensorType::new(data.dtype, Shape(dims)))
+}
+
+pub(super) fn eval_gather_nd(
+    data: &Tensor,
+    indices: &Tensor,
+    batch_dims: usize,
+    ctx: EvalCtx,
+) -> Result<Tensor, String> {
+    let tuple = indices.shape()[indices.shape().len() - 1];
+    let batch: usize = data.shape()[..batch_dims].iter().product();
+    let indexed = &data.shape()[batch_dims..batch_dims + tuple];
+    let slice: usize = data.shape()[batch_dims + tuple..].iter().product();
+    let per_batch_data: usize = data.shape()[batch_dims..].iter().product();
+    let index_values = indices.to_i64s();
+    let lookups = index_values.len() / tuple.max(1);
+    let per_batch_lookups = lookups / batch.max(1);
+    let mut flat = Vec::with_capacity(lookups * slice);
+    for (n, index) in index_values.chunks(tuple).enumerate() {
+        let mut offset = 0usize;
+        for (axis, (&i, &dim)) in index.iter().zip(indexed).enumerate() {
+            let resolved = if i < 0 { i + dim as i64 } else { i };
+            let resolved = usize::try_from(resolved)
+                .ok()
+                .filter(|&r| r < dim)
+                .ok_or_else(|| {
+                    format!(
+                        "gather_nd index {i} is out of range for axis {} of size {dim}",
+                        batch_dims + axis
+                    )
+                })?;
+            offset = offset * dim + resolved;
+        }
+        let base = (n / per_batch_lookups.max(1)) * per_batch_data + offset * slice;
+        flat.extend(base..base + slice);
+    }
+    Ok(data.take(ctx.out_shape.to_vec(), &flat))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
@@ -437,6 +503,22 @@ mod tests {
         let buffer = Tensor::i64(&[1, 5], vec![0, 1, 2, 3, 4]).unwrap();
         let out = eval_with(&op, &[buffer], &bindings).unwrap();
         assert_eq!((out.shape(), out.to_i64s()), (&[1, 3][..], vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn gather_nd_by_hand() {
+        // data [[0, 1], [2, 3]]: tuples (1, 0) and (0, 1) pick 2 and 1; a 1-tuple picks a row.
+        let data = iota(&[2, 2]);
+        let pairs = Tensor::i64(&[2, 2], vec![1, 0, 0, 1]).unwrap();
+        let out = eval(&Op::GatherNd { batch_dims: 0 }, &[data.clone(), pairs]).unwrap();
+        assert_eq!((out.shape(), f32s(&out)), (&[2][..], vec![2., 1.]));
+        let rows = Tensor::i64(&[1, 1], vec![-1]).unwrap();
+        let out = eval(&Op::GatherNd { batch_dims: 0 }, &[data.clone(), rows]).unwrap();
+        assert_eq!((out.shape(), f32s(&out)), (&[1, 2][..], vec![2., 3.]));
+        // batch_dims 1: each batch row indexes its own slice.
+        let per_batch = Tensor::i64(&[2, 1], vec![1, 0]).unwrap();
+        let out = eval(&Op::GatherNd { batch_dims: 1 }, &[data, per_batch]).unwrap();
+        assert_eq!((out.shape(), f32s(&out)), (&[2][..], vec![1., 2.]));
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub enum Op {
         /// Stride, non-zero.
         step: i64,
     },
+    /// ONNX GatherND: index the leading axes of `data` (after `batch_dims` shared batch axes)
+    /// with the tuples in the last axis of an integer tensor.
+    GatherNd {
+        /// Leading axes shared by `data` and the indices.
+        batch_dims: usize,
+    },
     /// ONNX Gather: index `data` along `axis` with an integer tensor.
     Gather {
         /// The axis (negative counts from the end).
@@ -447,6 +453,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Slice { .. } => "slice",
             Op::Gather { .. } => "gather",
+            Op::GatherNd { .. } => "gather_nd",
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Attention(_) => "attention",
@@ -478,7 +485,8 @@ impl Op {
             | Op::Expand { .. }
             | Op::Concat { .. }
             | Op::Slice { .. }
-            | Op::Gather { .. } => false,
+            | Op::Gather { .. }
+            | Op::GatherNd { .. } => false,
         }
     }
 
@@ -509,6 +517,7 @@ impl Op {
             | Op::Transpose { .. }
             | Op::Concat { .. }
             | Op::Gather { .. }
+            | Op::GatherNd { .. }
             | Op::LayerNorm { .. }
             | Op::RmsNorm { .. }
             | Op::Attention(_)
@@ -537,6 +546,7 @@ impl Op {
             Op::Reduce {
                 axes, keep_dims, ..
             } => reduce::reduce_attrs(axes, *keep_dims),
+            Op::GatherNd { batch_dims } => vec![("batch_dims", AttrValue::int(*batch_dims as i64))],
             Op::Softmax { axis } | Op::Concat { axis } | Op::Gather { axis } => {
                 vec![("axis", AttrValue::int(*axis))]
             }
@@ -601,6 +611,10 @@ impl Op {
                     axis: attrs.int("axis")?,
                 },
                 "slice" => layout::parse_slice(&mut attrs)?,
+                "gather_nd" => Op::GatherNd {
+                    batch_dims: usize::try_from(attrs.int("batch_dims")?)
+                        .map_err(|_| "`batch_dims` must not be negative".to_string())?,
+                },
                 "gather" => Op::Gather {
                     axis: attrs.int("axis")?,
                 },
@@ -658,6 +672,7 @@ impl Op {
                 step,
             } => layout::infer_slice(operands, *axis, start, end, *step, ctx),
             Op::Gather { axis } => layout::infer_gather(operands, *axis),
+            Op::GatherNd { batch_dims } => layout::infer_gather_nd(operands, *batch_dims),
             Op::LayerNorm { axis, .. } => norm::infer_layer_norm(operands, *axis),
             Op::RmsNorm { .. } => norm::infer_rms_norm(operands),
             Op::Attention(attention) => attention.infer(operands),
@@ -696,11 +711,36 @@ impl Op {
                 step,
             } => layout::eval_slice(operands[0], *axis, start, end, *step, ctx),
             Op::Gather { axis } => layout::eval_gather(operands[0], operands[1], *axis, ctx),
+            Op::GatherNd { batch_dims } => {
+                layout::eval_gather_nd(operands[0], operands[1], *batch_dims, ctx)
+            }
             Op::LayerNorm { axis, eps } => norm::eval_layer_norm(operands, *axis, *eps, ctx),
             Op::RmsNorm { eps } => norm::eval_rms_norm(operands, *eps, ctx),
             Op::Attention(attention) => attention.eval(operands, ctx),
             Op::Rope { theta, interleaved } => rope::eval_rope(operands, *theta, *interleaved, ctx),
         }
+    }
+
+    /// Evaluates the op on concrete operands alone, inferring the output dims from theirs:
+    /// constant folding. Sources (`input`, `const`) and ops whose dims are symbolic fail.
+    pub fn evaluate_fixed(&self, operands: &[&Tensor]) -> Result<Tensor, String> {
+        let types: Vec<TensorType> = operands
+            .iter()
+            .map(|t| TensorType::new(t.dtype(), Shape::fixed(t.shape())))
+            .collect();
+        let none = HashMap::new();
+        let out = self.infer(
+            &types.iter().collect::<Vec<_>>(),
+            InferCtx { maxima: &none },
+        )?;
+        let out_shape = out.shape.eval(&none).map_err(|e| e.to_string())?;
+        self.eval(
+            operands,
+            EvalCtx {
+                bindings: &none,
+                out_shape: &out_shape,
+            },
+        )
     }
 
     /// Floating-point operations to evaluate the op on operands and output of these dims
@@ -719,7 +759,8 @@ impl Op {
             | Op::Expand { .. }
             | Op::Concat { .. }
             | Op::Slice { .. }
-            | Op::Gather { .. } => 0,
+            | Op::Gather { .. }
+            | Op::GatherNd { .. } => 0,
             Op::Unary(_) | Op::Binary(_) | Op::Where => out_numel,
             Op::MatMul => {
                 let k = operands[0].last().copied().unwrap_or(1) as u64;

@@ -90,7 +90,7 @@ fn constant(graph: &mut Graph, i: usize, a: u16, b: u16) -> Option<NodeId> {
 fn op_for(step: Step, a_ty: &TensorType) -> Op {
     let (kind, _, p, q) = step;
     let rank = a_ty.rank() as i64;
-    match kind % 20 {
+    match kind % 21 {
         0 => Op::Unary(pick(&UnaryOp::ALL, p)),
         1 => Op::Binary(pick(&BinaryOp::ALL, p)),
         2 => Op::Cast {
@@ -183,6 +183,9 @@ fn op_for(step: Step, a_ty: &TensorType) -> Op {
             dtype: pick(&[DType::F32, DType::I64, DType::Bool, DType::F32], p),
             shape: pick(&shapes(), q),
         },
+        19 => Op::GatherNd {
+            batch_dims: usize::from(q % 3 == 0),
+        },
         _ => Op::Range {
             start: pick(&[Dim::Const(0), Dim::sym("seq"), Dim::Const(-2)], p),
             step: pick(&[1, 2, -1], q),
@@ -218,13 +221,13 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
         }
         let wants_bool = |t: &TensorType| t.dtype == DType::Bool;
         let wants_float = |t: &TensorType| t.dtype.is_float();
-        let logic = matches!(kind % 20, 0 | 1 | 17)
+        let logic = matches!(kind % 21, 0 | 1 | 17)
             && (pick(&UnaryOp::ALL, b) == UnaryOp::Not
                 || matches!(
                     pick(&BinaryOp::ALL, b),
                     BinaryOp::And | BinaryOp::Or | BinaryOp::Xor
                 )
-                || kind % 20 == 17);
+                || kind % 21 == 17);
         let first = if logic {
             choose(&graph, &nodes, a, wants_bool)
         } else if c % 4 == 0 {
@@ -255,7 +258,7 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
         for j in 1..arity {
             let k = b.wrapping_add(c.wrapping_mul(j as u16));
             let next = match (&op, j) {
-                (Op::Rope { .. } | Op::Gather { .. }, 1) => {
+                (Op::Rope { .. } | Op::Gather { .. } | Op::GatherNd { .. }, 1) => {
                     choose(&graph, &nodes, k, |t| t.dtype.is_int())
                 }
                 (Op::Where, _) => choose(&graph, &nodes, k, |t| t.dtype != DType::Bool),
