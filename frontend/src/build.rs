@@ -129,6 +129,35 @@ impl Builder {
         Ok(id)
     }
 
+    /// Declares a symbol unless it already is (with the same maximum).
+    pub fn declare_symbol(&mut self, name: &str, max: usize) -> Result<()> {
+        match self.graph.symbols().iter().find(|s| s.name == name) {
+            Some(s) if s.max == max as i64 => Ok(()),
+            Some(s) => Err(self.error(format!(
+                "symbol `{name}` is bounded twice: {} and {max}",
+                s.max
+            ))),
+            None => self
+                .graph
+                .declare_symbol(name, max as i64)
+                .map_err(|e| self.wrap(e)),
+        }
+    }
+
+    /// A constant owned by the graph with the tensor's values.
+    pub fn constant(&mut self, name: &str, tensor: &kiln_ir::Tensor) -> Result<NodeId> {
+        let name = self.graph.unique_name(name);
+        let weight = Weight::owned(
+            tensor.dtype(),
+            tensor.shape().to_vec(),
+            tensor.to_le_bytes(),
+        )
+        .map_err(|e| self.error(e.0))?;
+        self.graph
+            .add_constant(&name, &name, weight)
+            .map_err(|e| self.wrap(e))
+    }
+
     /// A scalar f32 constant owned by the graph.
     pub fn scalar(&mut self, name: &str, value: f32) -> Result<NodeId> {
         let name = self.graph.unique_name(name);

@@ -2,6 +2,7 @@
 //!
 //! - a directory with `config.json` and `model.safetensors`: a template per architecture
 //!   ([`safetensors`]), weights memory-mapped;
+//! - an `.onnx` file: opset 13 and later, shape subgraphs folded ([`onnx`]);
 //! - a `.gguf` file (llama.cpp): the LLaMA template over dequantized weights ([`gguf`]);
 //! - a `.kir` file: kiln's own text format.
 //!
@@ -12,6 +13,7 @@
 mod build;
 mod error;
 pub mod gguf;
+pub mod onnx;
 pub mod safetensors;
 mod shapes;
 
@@ -28,6 +30,7 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph, FrontendError> {
     } else {
         match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => gguf::load(path, shapes)?,
+            Some("onnx") => onnx::load(path, shapes)?,
             Some("kir") => {
                 if !shapes.is_empty() {
                     return Err(FrontendError::new(path, "--shape does not apply to .kir files: their dims are declared in the text"));
@@ -38,7 +41,7 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph, FrontendError> {
                 return Err(FrontendError::new(
                     path,
                     "unsupported model format: kiln reads .kir files and safetensors model directories \
-                     (config.json + model.safetensors) and .gguf files; the ONNX reader is not built yet",
+                     (config.json + model.safetensors), .onnx and .gguf files",
                 ))
             }
         }

@@ -54,11 +54,12 @@ fn max_diff_valid_tokens(actual: &Tensor, expected: &Tensor, mask: &Tensor) -> f
 
 fn max_diff(actual: &Tensor, expected: &Tensor) -> f32 {
     assert_eq!(actual.shape(), expected.shape());
-    f32s(actual)
-        .iter()
-        .zip(f32s(expected))
+    assert_eq!(actual.dtype(), expected.dtype());
+    let (a, e) = (actual.to_f64s(), expected.to_f64s());
+    a.iter()
+        .zip(&e)
         .map(|(a, e)| (a - e).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, f64::max) as f32
 }
 
 #[test]
@@ -219,5 +220,84 @@ fn smollm2_gguf_matches_transformers() {
         println!("smollm2 {prompt}: max abs diff of the last 4 logits {diff:e}");
         assert!(diff <= 2e-3, "{prompt}: max abs diff {diff}");
         assert_eq!(top1, expected_top1, "{prompt}: top-1 ids");
+    }
+}
+
+fn shapes(args: &[&str]) -> InputShapes {
+    let mut shapes = InputShapes::new();
+    for arg in args {
+        shapes.parse_arg(arg).unwrap();
+    }
+    shapes
+}
+
+#[test]
+fn tiny_bert_onnx_exports_match_onnxruntime() {
+    let dir = fixtures().join("tiny-bert");
+    let reference = load_tensors(&dir.join("reference.safetensors")).unwrap();
+    for (file, expected) in [
+        ("model.onnx", "last_hidden_state_onnxruntime"),
+        ("model-dynamo.onnx", "last_hidden_state_onnxruntime_dynamo"),
+    ] {
+        let graph = load(&dir.join(file), &shapes(&["input_ids=batch:4xseq:128"])).unwrap();
+        let out = run(
+            &graph,
+            vec![
+                ("input_ids", &reference["input_ids"]),
+                ("attention_mask", &reference["attention_mask"]),
+                ("token_type_ids", &reference["token_type_ids"]),
+            ],
+        );
+        let mask = &reference["attention_mask"];
+        let to_ort = max_diff_valid_tokens(&out["last_hidden_state"], &reference[expected], mask);
+        let to_transformers = max_diff_valid_tokens(
+            &out["last_hidden_state"],
+            &reference["last_hidden_state"],
+            mask,
+        );
+        println!("tiny-bert {file}: max abs diff {to_ort:e} to ONNX Runtime, {to_transformers:e} to transformers");
+        assert!(
+            to_ort <= 1e-5 && to_transformers <= 1e-5,
+            "{file}: {to_ort} / {to_transformers}"
+        );
+    }
+}
+
+#[test]
+fn minilm_l3_onnx_matches_onnxruntime() {
+    let graph = load(
+        &model("minilm-l3-onnx/paraphrase-MiniLM-L3-v2.onnx"),
+        &shapes(&["input_ids=batch:8xseq:128"]),
+    )
+    .unwrap();
+    let reference = load_tensors(&fixtures().join("minilm-l3-onnx/reference.safetensors")).unwrap();
+    let outputs: Vec<String> = graph
+        .outputs()
+        .iter()
+        .map(|(name, _)| name.clone())
+        .collect();
+    assert_eq!(outputs, ["output", "463", "onnx::Shape_422", "461"]);
+    for case in [
+        "single0",
+        "single1",
+        "single2",
+        "single3",
+        "single4",
+        "single5",
+        "batch4_padded",
+    ] {
+        let get = |name: &str| &reference[&format!("{case}.{name}")];
+        let out = run(
+            &graph,
+            vec![
+                ("input_ids", get("input_ids")),
+                ("attention_mask", get("attention_mask")),
+            ],
+        );
+        for name in &outputs {
+            let diff = max_diff(&out[name], get(name));
+            println!("minilm-l3 {case} {name}: max abs diff {diff:e}");
+            assert!(diff <= 1e-4, "{case} {name}: max abs diff {diff}");
+        }
     }
 }

@@ -1,0 +1,1225 @@
+//! One import function per ONNX op type, and the table that names them.
+
+use super::{node_label, tensor, Importer, SymInts, Val};
+use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
+use kiln_ir::{DType, Dim, Op, Scalar, Shape, Tensor, F32};
+use onnx_protobuf::{AttributeProto, NodeProto};
+use std::collections::BTreeMap;
+use std::ops::{Add, Div, Mul, Sub};
+
+type Outputs = Result<Vec<Val>, String>;
+type Handler = fn(&mut Importer, &NodeProto, &[Val]) -> Outputs;
+
+/// The import function for an op type of the default domain.
+fn handler(op_type: &str) -> Option<Handler> {
+    Some(match op_type {
+        "Identity" | "Dropout" => identity,
+        "Constant" => constant,
+        "Shape" => shape,
+        "Gather" => gather,
+        "GatherND" => gather_nd,
+        "Unsqueeze" => unsqueeze,
+        "Squeeze" => squeeze,
+        "Concat" => concat,
+        "Reshape" => reshape,
+        "Flatten" => flatten,
+        "Expand" => expand,
+        "ConstantOfShape" => constant_of_shape,
+        "Range" => range,
+        "Slice" => slice,
+        "Split" => split,
+        "Transpose" => transpose,
+        "Cast" => cast,
+        "CastLike" => cast_like,
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "LessOrEqual" | "Greater"
+        | "GreaterOrEqual" | "And" | "Or" | "Xor" => binary,
+        "Max" | "Min" => min_max,
+        "Where" => where_,
+        "Not" => not,
+        "IsNaN" => is_nan,
+        "Neg" | "Abs" | "Relu" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Erf" | "Tanh"
+        | "Sigmoid" | "Sin" | "Cos" => unary,
+        "Gelu" => gelu,
+        "MatMul" => matmul,
+        "Gemm" => gemm,
+        "Softmax" => softmax,
+        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" => reduce,
+        "LayerNormalization" => layer_norm,
+        "Clip" => clip,
+        "DequantizeLinear" => dequantize_linear,
+        _ => return None,
+    })
+}
+
+/// The op types kiln reads, sorted.
+pub fn supported_op_types() -> Vec<&'static str> {
+    let mut names = vec![
+        "Identity",
+        "Dropout",
+        "Constant",
+        "Shape",
+        "Gather",
+        "GatherND",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Reshape",
+        "Flatten",
+        "Expand",
+        "ConstantOfShape",
+        "Range",
+        "Slice",
+        "Split",
+        "Transpose",
+        "Cast",
+        "CastLike",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Max",
+        "Min",
+        "Where",
+        "Not",
+        "IsNaN",
+        "Neg",
+        "Abs",
+        "Relu",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Sin",
+        "Cos",
+        "Gelu",
+        "MatMul",
+        "Gemm",
+        "Softmax",
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "LayerNormalization",
+        "Clip",
+        "DequantizeLinear",
+    ];
+    debug_assert!(names.iter().all(|n| handler(n).is_some()));
+    names.sort_unstable();
+    names
+}
+
+/// Op types (with their domain when not the default) that have no import function, each with
+/// the names of its nodes.
+pub(super) fn unsupported(nodes: &[NodeProto]) -> BTreeMap<String, Vec<String>> {
+    let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for node in nodes {
+        let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
+        if !default_domain || handler(&node.op_type).is_none() {
+            let key = if default_domain {
+                node.op_type.clone()
+            } else {
+                format!("{}.{}", node.domain, node.op_type)
+            };
+            missing
+                .entry(key)
+                .or_default()
+                .push(node_label(node).to_string());
+        }
+    }
+    missing
+}
+
+pub(super) fn import(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let handler = handler(&node.op_type).ok_or("unsupported op")?;
+    handler(imp, node, inputs)
+}
+
+fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn attr_int(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).map_or(default, |a| a.i)
+}
+
+fn attr_float(node: &NodeProto, name: &str, default: f32) -> f32 {
+    attr(node, name).map_or(default, |a| a.f)
+}
+
+fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+
+fn attr_str(node: &NodeProto, name: &str) -> Option<String> {
+    attr(node, name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+fn input(inputs: &[Val], i: usize) -> &Val {
+    inputs.get(i).unwrap_or(&Val::Absent)
+}
+
+fn present(inputs: &[Val], i: usize) -> bool {
+    !matches!(input(inputs, i), Val::Absent)
+}
+
+fn name(node: &NodeProto) -> String {
+    node_label(node).to_string()
+}
+
+/// Integer values that must be known at compile time (shapes, axes, bounds).
+fn known_ints(imp: &Importer, val: &Val, what: &str) -> Result<SymInts, String> {
+    imp.ints(val)
+        .ok_or_else(|| format!("input `{what}` must be computable at compile time"))
+}
+
+/// Known integers that must also be constants (axes, steps, perms).
+fn const_ints(imp: &Importer, val: &Val, what: &str) -> Result<Vec<i64>, String> {
+    known_ints(imp, val, what)?
+        .values
+        .iter()
+        .map(|d| {
+            d.as_const()
+                .ok_or_else(|| format!("input `{what}` must be constant, got `{d}`"))
+        })
+        .collect()
+}
+
+/// Axes from the `axes` input (newer opsets) or attribute (older ones).
+fn axes_of(
+    imp: &Importer,
+    node: &NodeProto,
+    inputs: &[Val],
+    input_index: usize,
+) -> Result<Option<Vec<i64>>, String> {
+    if present(inputs, input_index) {
+        return const_ints(imp, input(inputs, input_index), "axes").map(Some);
+    }
+    Ok(attr_ints(node, "axes"))
+}
+
+fn identity(_: &mut Importer, _: &NodeProto, inputs: &[Val]) -> Outputs {
+    Ok(vec![input(inputs, 0).clone()])
+}
+
+fn constant(imp: &mut Importer, node: &NodeProto, _: &[Val]) -> Outputs {
+    let a = node
+        .attribute
+        .first()
+        .ok_or("Constant has no value attribute")?;
+    let t = match a.name.as_str() {
+        "value" => {
+            let proto = a.t.as_ref().ok_or("`value` holds no tensor")?;
+            let weight =
+                tensor::weight_of(proto, std::path::Path::new("."), &mut Default::default())?;
+            tensor::tensor_of(&weight)?
+        }
+        "value_float" => Tensor::f32(&[], vec![a.f]).map_err(|e| e.0)?,
+        "value_floats" => Tensor::f32(&[a.floats.len()], a.floats.clone()).map_err(|e| e.0)?,
+        "value_int" => Tensor::i64(&[], vec![a.i]).map_err(|e| e.0)?,
+        "value_ints" => Tensor::i64(&[a.ints.len()], a.ints.clone()).map_err(|e| e.0)?,
+        other => return Err(format!("Constant attribute `{other}` is not supported")),
+    };
+    if t.numel() <= super::FOLD_LIMIT {
+        return Ok(vec![Val::Static(t)]);
+    }
+    let id = imp.constant(&name(node), &t)?;
+    Ok(vec![Val::Node(id)])
+}
+
+fn shape(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let dims = imp.ty(input(inputs, 0))?.shape.0;
+    let rank = dims.len() as i64;
+    let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
+    let start = clamp(attr_int(node, "start", 0));
+    let end = clamp(attr_int(node, "end", rank));
+    let values = if start < end {
+        dims[start..end].to_vec()
+    } else {
+        vec![]
+    };
+    Ok(vec![Val::Ints(SymInts::vector(values))])
+}
+
+fn gather(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let axis = attr_int(node, "axis", 0);
+    let (data, indices) = (input(inputs, 0), input(inputs, 1));
+    if let (Some(ints), Some(idx)) = (imp.ints(data), imp.known(indices)) {
+        if ints.shape.len() == 1 && (axis == 0 || axis == -1) {
+            let len = ints.values.len() as i64;
+            let values = idx
+                .to_i64s()
+                .iter()
+                .map(|&i| {
+                    let at = if i < 0 { i + len } else { i };
+                    usize::try_from(at)
+                        .ok()
+                        .and_then(|a| ints.values.get(a).cloned())
+                        .ok_or_else(|| format!("index {i} is out of range for {len} values"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(vec![Val::Ints(SymInts {
+                dtype: ints.dtype,
+                shape: idx.shape().to_vec(),
+                values,
+            })]);
+        }
+    }
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Gather { axis },
+        &[data.clone(), indices.clone()],
+    )?])
+}
+
+fn gather_nd(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let batch_dims =
+        usize::try_from(attr_int(node, "batch_dims", 0)).map_err(|_| "negative batch_dims")?;
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::GatherNd { batch_dims },
+        &inputs[..2.min(inputs.len())],
+    )?])
+}
+
+/// Reshapes a value to `dims`: static integers keep their values, others get a `reshape`.
+fn reshaped(imp: &mut Importer, node_name: &str, val: &Val, dims: Vec<Dim>) -> Result<Val, String> {
+    if let Some(ints) = imp.ints(val) {
+        let fixed: Option<Vec<usize>> = dims
+            .iter()
+            .map(|d| d.as_const().and_then(|v| usize::try_from(v).ok()))
+            .collect();
+        if let Some(shape) = fixed {
+            if shape.iter().product::<usize>() == ints.values.len() {
+                return Ok(Val::Ints(SymInts { shape, ..ints }));
+            }
+        }
+    }
+    imp.emit(
+        node_name,
+        Op::Reshape { shape: Shape(dims) },
+        std::slice::from_ref(val),
+    )
+}
+
+fn resolve_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>, String> {
+    let mut out: Vec<usize> = axes
+        .iter()
+        .map(|&a| {
+            let r = if a < 0 { a + rank as i64 } else { a };
+            usize::try_from(r)
+                .ok()
+                .filter(|&r| r < rank)
+                .ok_or_else(|| format!("axis {a} is out of range for rank {rank}"))
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort_unstable();
+    if out.windows(2).any(|w| w[0] == w[1]) {
+        return Err(format!("axes {axes:?} repeat"));
+    }
+    Ok(out)
+}
+
+fn unsqueeze(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let axes = axes_of(imp, node, inputs, 1)?.ok_or("Unsqueeze needs axes")?;
+    let axes = resolve_axes(&axes, dims.len() + axes.len())?;
+    let mut out = dims.into_iter();
+    let new_dims: Vec<Dim> = (0..axes.len() + out.len())
+        .map(|i| {
+            if axes.contains(&i) {
+                Dim::Const(1)
+            } else {
+                out.next().unwrap_or(Dim::Const(1))
+            }
+        })
+        .collect();
+    Ok(vec![reshaped(imp, &name(node), x, new_dims)?])
+}
+
+fn squeeze(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let axes = match axes_of(imp, node, inputs, 1)? {
+        Some(axes) => resolve_axes(&axes, dims.len())?,
+        None => (0..dims.len())
+            .filter(|&i| dims[i] == Dim::Const(1))
+            .collect(),
+    };
+    if let Some(&bad) = axes.iter().find(|&&a| dims[a] != Dim::Const(1)) {
+        return Err(format!("cannot squeeze axis {bad} of size {}", dims[bad]));
+    }
+    let new_dims = dims
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, d)| d)
+        .collect();
+    Ok(vec![reshaped(imp, &name(node), x, new_dims)?])
+}
+
+fn concat(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let axis = attr_int(node, "axis", 0);
+    let parts: Vec<Val> = inputs
+        .iter()
+        .filter(|v| !matches!(v, Val::Absent))
+        .cloned()
+        .collect();
+    let ints: Option<Vec<SymInts>> = parts.iter().map(|v| imp.ints(v)).collect();
+    if let Some(ints) = ints {
+        if ints.iter().all(|i| i.shape.len() == 1) && (axis == 0 || axis == -1) {
+            let values: Vec<Dim> = ints.iter().flat_map(|i| i.values.iter().cloned()).collect();
+            return Ok(vec![Val::Ints(SymInts {
+                dtype: ints[0].dtype,
+                shape: vec![values.len()],
+                values,
+            })]);
+        }
+    }
+    Ok(vec![imp.emit(&name(node), Op::Concat { axis }, &parts)?])
+}
+
+fn reshape(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let target = known_ints(imp, input(inputs, 1), "shape")?.values;
+    let allow_zero = attr_int(node, "allowzero", 0) == 1;
+    let mut resolved = Vec::with_capacity(target.len());
+    let mut infer_at = None;
+    for (i, d) in target.iter().enumerate() {
+        match d.as_const() {
+            Some(0) if !allow_zero => resolved.push(
+                dims.get(i)
+                    .cloned()
+                    .ok_or(format!("shape entry {i} copies a missing input axis"))?,
+            ),
+            Some(-1) => {
+                if infer_at.replace(i).is_some() {
+                    return Err("shape has more than one -1".into());
+                }
+                resolved.push(Dim::Const(1));
+            }
+            Some(v) if v < -1 => return Err(format!("shape entry {v} is invalid")),
+            _ => resolved.push(d.clone()),
+        }
+    }
+    if let Some(i) = infer_at {
+        let known = Dim::product(&resolved);
+        let total = Dim::product(&dims);
+        resolved[i] = exact_div(&total, &known).ok_or_else(|| {
+            format!("cannot infer the -1 in {target:?}: {total} is not a multiple of {known}")
+        })?;
+    }
+    Ok(vec![reshaped(imp, &name(node), x, resolved)?])
+}
+
+/// `a / b` when it divides exactly: constants, or monomials whose symbols cancel.
+fn exact_div(a: &Dim, b: &Dim) -> Option<Dim> {
+    fn factors(d: &Dim, syms: &mut Vec<String>) -> Option<i64> {
+        match d {
+            Dim::Const(v) => Some(*v),
+            Dim::Sym(s) => {
+                syms.push(s.clone());
+                Some(1)
+            }
+            Dim::Mul(x, y) => Some(factors(x, syms)? * factors(y, syms)?),
+            _ => None,
+        }
+    }
+    let (mut num_syms, mut den_syms) = (Vec::new(), Vec::new());
+    let (num, den) = (factors(a, &mut num_syms)?, factors(b, &mut den_syms)?);
+    for s in den_syms {
+        let at = num_syms.iter().position(|n| *n == s)?;
+        num_syms.remove(at);
+    }
+    if den == 0 || num % den != 0 {
+        return None;
+    }
+    Some(
+        num_syms
+            .into_iter()
+            .fold(Dim::Const(num / den), |acc, s| Dim::mul(Dim::sym(s), acc)),
+    )
+}
+
+fn flatten(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let axis = attr_int(node, "axis", 1);
+    let axis = if axis < 0 {
+        axis + dims.len() as i64
+    } else {
+        axis
+    };
+    let axis = usize::try_from(axis)
+        .ok()
+        .filter(|&a| a <= dims.len())
+        .ok_or("axis out of range")?;
+    let new_dims = vec![Dim::product(&dims[..axis]), Dim::product(&dims[axis..])];
+    Ok(vec![reshaped(imp, &name(node), x, new_dims)?])
+}
+
+fn expand(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let shape = Shape(known_ints(imp, input(inputs, 1), "shape")?.values);
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Expand { shape },
+        &inputs[..1],
+    )?])
+}
+
+fn constant_of_shape(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let shape = Shape(known_ints(imp, input(inputs, 0), "input")?.values);
+    let value = match attr(node, "value").and_then(|a| a.t.as_ref()) {
+        Some(proto) => tensor::tensor_of(&tensor::weight_of(
+            proto,
+            std::path::Path::new("."),
+            &mut Default::default(),
+        )?)?,
+        None => Tensor::f32(&[1], vec![0.0]).map_err(|e| e.0)?,
+    };
+    let dtype = value.dtype();
+    let scalar = if dtype.is_float() {
+        Scalar::float(value.to_f64s()[0])
+    } else if dtype == DType::Bool {
+        Scalar::Bool(value.to_bools()[0])
+    } else {
+        Scalar::Int(value.to_i64s()[0])
+    };
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Fill {
+            value: scalar,
+            dtype,
+            shape,
+        },
+        &[],
+    )?])
+}
+
+fn range(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let dtype = imp.ty(input(inputs, 0))?.dtype;
+    if dtype.is_float() {
+        let get = |i: usize| {
+            imp.known(input(inputs, i))
+                .map(|t| t.to_f64s()[0])
+                .ok_or("float Range inputs must be known at compile time")
+        };
+        let (start, limit, delta) = (get(0)?, get(1)?, get(2)?);
+        let len = ((limit - start) / delta).ceil().max(0.0) as usize;
+        let values = (0..len).map(|i| start + i as f64 * delta).collect();
+        return Ok(vec![Val::Static(Tensor::from_f64s(
+            dtype,
+            vec![len],
+            values,
+        ))]);
+    }
+    let scalar = |imp: &Importer, i: usize, what: &str| -> Result<Dim, String> {
+        let ints = known_ints(imp, input(inputs, i), what)?;
+        ints.values
+            .first()
+            .cloned()
+            .filter(|_| ints.values.len() == 1)
+            .ok_or(format!("`{what}` must be a scalar"))
+    };
+    let start = scalar(imp, 0, "start")?;
+    let limit = scalar(imp, 1, "limit")?;
+    let delta = scalar(imp, 2, "delta")?
+        .as_const()
+        .ok_or("`delta` must be constant")?;
+    if delta == 0 {
+        return Err("`delta` must not be 0".into());
+    }
+    let span = Dim::sub(limit, start.clone());
+    let len = if delta == 1 {
+        span
+    } else {
+        Dim::div(
+            Dim::add(span, Dim::Const(delta - delta.signum())),
+            Dim::Const(delta),
+        )
+    };
+    let len = len.as_const_equiv().map_or(len, |v| Dim::Const(v.max(0)));
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Range {
+            start,
+            step: delta,
+            len,
+            dtype,
+        },
+        &[],
+    )?])
+}
+
+fn slice(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let starts = known_ints(imp, input(inputs, 1), "starts")?.values;
+    let ends = known_ints(imp, input(inputs, 2), "ends")?.values;
+    let axes = if present(inputs, 3) {
+        const_ints(imp, input(inputs, 3), "axes")?
+    } else {
+        (0..starts.len() as i64).collect()
+    };
+    let steps = if present(inputs, 4) {
+        const_ints(imp, input(inputs, 4), "steps")?
+    } else {
+        vec![1; starts.len()]
+    };
+    if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err("starts, ends, axes and steps differ in length".into());
+    }
+    // Exporters write "to the end" as i64 extremes; with a symbolic axis that is the dim itself.
+    let huge = |d: &Dim| d.as_const().is_some_and(|v| v.abs() >= 1 << 40);
+    if let Some(ints) = imp
+        .ints(x)
+        .filter(|i| i.shape.len() == 1 && axes.len() == 1)
+    {
+        let len = ints.values.len() as i64;
+        if let (Some(s), Some(e)) = (starts[0].as_const(), ends[0].as_const()) {
+            let probe = Tensor::from_i64s(DType::I64, vec![len as usize], (0..len).collect());
+            let picked = Op::Slice {
+                axis: 0,
+                start: Dim::Const(s),
+                end: Dim::Const(e),
+                step: steps[0],
+            }
+            .evaluate_fixed(&[&probe])?;
+            let values = picked
+                .to_i64s()
+                .iter()
+                .map(|&i| ints.values[i as usize].clone())
+                .collect::<Vec<_>>();
+            return Ok(vec![Val::Ints(SymInts::vector(values))]);
+        }
+    }
+    let mut current = x.clone();
+    for (k, (((start, end), &axis), &step)) in
+        starts.iter().zip(&ends).zip(&axes).zip(&steps).enumerate()
+    {
+        let rank = dims.len() as i64;
+        let axis_index = if axis < 0 { axis + rank } else { axis };
+        let dim = usize::try_from(axis_index)
+            .ok()
+            .and_then(|a| dims.get(a))
+            .ok_or(format!("axis {axis} is out of range"))?;
+        let end = if huge(end) && step > 0 {
+            dim.clone()
+        } else {
+            end.clone()
+        };
+        let start = if huge(&start.clone()) && step > 0 {
+            Dim::Const(if start.as_const().unwrap_or(0) > 0 {
+                i64::MAX
+            } else {
+                0
+            })
+        } else {
+            start.clone()
+        };
+        let start = if start.as_const() == Some(i64::MAX) {
+            dim.clone()
+        } else {
+            start
+        };
+        let step_name = if k + 1 == starts.len() {
+            name(node)
+        } else {
+            format!("{}.{k}", name(node))
+        };
+        current = imp.emit(
+            &step_name,
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            },
+            &[current],
+        )?;
+    }
+    Ok(vec![current])
+}
+
+fn split(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0);
+    let dims = imp.ty(x)?.shape.0;
+    let axis = attr_int(node, "axis", 0);
+    let axis_index = usize::try_from(if axis < 0 {
+        axis + dims.len() as i64
+    } else {
+        axis
+    })
+    .ok()
+    .filter(|&a| a < dims.len())
+    .ok_or("axis out of range")?;
+    let count = node.output.len();
+    let sizes: Vec<Dim> = if present(inputs, 1) {
+        known_ints(imp, input(inputs, 1), "split")?.values
+    } else if let Some(sizes) = attr_ints(node, "split") {
+        sizes.into_iter().map(Dim::Const).collect()
+    } else {
+        let dim = &dims[axis_index];
+        match dim.as_const() {
+            Some(total) => {
+                let n = count as i64;
+                let chunk = (total + n - 1) / n;
+                (0..n)
+                    .map(|i| Dim::Const(chunk.min(total - chunk * i).max(0)))
+                    .collect()
+            }
+            None => vec![Dim::div(dim.clone(), Dim::Const(count as i64)); count],
+        }
+    };
+    if sizes.len() != count {
+        return Err(format!("{} split sizes for {count} outputs", sizes.len()));
+    }
+    let mut start = Dim::Const(0);
+    let mut outs = Vec::new();
+    for (i, size) in sizes.into_iter().enumerate() {
+        let end = Dim::add(start.clone(), size);
+        let op = Op::Slice {
+            axis,
+            start: start.clone(),
+            end: end.clone(),
+            step: 1,
+        };
+        outs.push(imp.emit(&format!("{}.{i}", name(node)), op, std::slice::from_ref(x))?);
+        start = end;
+    }
+    Ok(outs)
+}
+
+fn transpose(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let rank = imp.ty(input(inputs, 0))?.rank();
+    let perm = match attr_ints(node, "perm") {
+        Some(p) => p
+            .into_iter()
+            .map(|v| usize::try_from(v).map_err(|_| format!("perm entry {v}")))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => (0..rank).rev().collect(),
+    };
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Transpose { perm },
+        &inputs[..1],
+    )?])
+}
+
+fn cast_to(imp: &mut Importer, node: &NodeProto, x: &Val, to: DType) -> Result<Val, String> {
+    if let Some(ints) = imp.ints(x).filter(|_| to.is_int()) {
+        return Ok(Val::Ints(SymInts { dtype: to, ..ints }));
+    }
+    imp.emit(&name(node), Op::Cast { to }, std::slice::from_ref(x))
+}
+
+fn cast(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let to = tensor::dtype_of(attr_int(node, "to", 1) as i32)?;
+    Ok(vec![cast_to(imp, node, input(inputs, 0), to)?])
+}
+
+fn cast_like(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let to = imp.ty(input(inputs, 1))?.dtype;
+    Ok(vec![cast_to(imp, node, input(inputs, 0), to)?])
+}
+
+fn binary_op(op_type: &str) -> BinaryOp {
+    match op_type {
+        "Add" => BinaryOp::Add,
+        "Sub" => BinaryOp::Sub,
+        "Mul" => BinaryOp::Mul,
+        "Div" => BinaryOp::Div,
+        "Pow" => BinaryOp::Pow,
+        "Max" => BinaryOp::Max,
+        "Min" => BinaryOp::Min,
+        "Equal" => BinaryOp::Equal,
+        "Less" => BinaryOp::Less,
+        "LessOrEqual" => BinaryOp::LessEqual,
+        "Greater" => BinaryOp::Greater,
+        "GreaterOrEqual" => BinaryOp::GreaterEqual,
+        "And" => BinaryOp::And,
+        "Or" => BinaryOp::Or,
+        _ => BinaryOp::Xor,
+    }
+}
+
+/// Pairs of flat indices that numpy broadcasting combines, for small concrete shapes.
+/// The broadcast dims and, per output element, the flat indices read from each side.
+type Broadcast = (Vec<usize>, Vec<(usize, usize)>);
+
+fn broadcast_pairs(a: &[usize], b: &[usize]) -> Option<Broadcast> {
+    let rank = a.len().max(b.len());
+    let pad = |s: &[usize]| {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect::<Vec<_>>()
+    };
+    let (pa, pb) = (pad(a), pad(b));
+    let out: Vec<usize> = pa
+        .iter()
+        .zip(&pb)
+        .map(|(&x, &y)| {
+            if x == y || y == 1 {
+                Some(x)
+            } else if x == 1 {
+                Some(y)
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()?;
+    let total: usize = out.iter().product();
+    let index = |padded: &[usize], flat: usize| {
+        let mut rem = flat;
+        let mut offset = 0;
+        for axis in 0..rank {
+            let stride: usize = out[axis + 1..].iter().product();
+            let i = rem / stride;
+            rem %= stride;
+            let in_stride: usize = padded[axis + 1..].iter().product();
+            offset += if padded[axis] == 1 { 0 } else { i * in_stride };
+        }
+        offset
+    };
+    Some((
+        out.clone(),
+        (0..total).map(|f| (index(&pa, f), index(&pb, f))).collect(),
+    ))
+}
+
+/// `a op b` on dims: arithmetic when it stays a dim, comparisons when the symbols' ranges decide.
+fn dim_binary(imp: &Importer, op: BinaryOp, a: &Dim, b: &Dim) -> Option<Result<Dim, bool>> {
+    let maxima = imp.b.graph().maxima();
+    let diff = Dim::sub(a.clone(), b.clone());
+    let (lo, hi) = diff.bounds(&maxima)?;
+    let decided = |truth: Option<bool>| truth.map(Err);
+    match op {
+        BinaryOp::Add => Some(Ok(Dim::add(a.clone(), b.clone()))),
+        BinaryOp::Sub => Some(Ok(diff)),
+        BinaryOp::Mul => Some(Ok(Dim::mul(a.clone(), b.clone()))),
+        BinaryOp::Div => match (a.as_const(), b.as_const()) {
+            (Some(x), Some(y)) if y != 0 => Some(Ok(Dim::Const(x / y))),
+            (_, Some(y)) if y > 0 => exact_div(a, b)
+                .or_else(|| Some(Dim::div(a.clone(), b.clone())))
+                .map(Ok),
+            _ => None,
+        },
+        BinaryOp::Max => (lo >= 0)
+            .then(|| a.clone())
+            .or_else(|| (hi <= 0).then(|| b.clone()))
+            .map(Ok),
+        BinaryOp::Min => (lo >= 0)
+            .then(|| b.clone())
+            .or_else(|| (hi <= 0).then(|| a.clone()))
+            .map(Ok),
+        BinaryOp::Equal => decided(if lo == 0 && hi == 0 {
+            Some(true)
+        } else if lo > 0 || hi < 0 {
+            Some(false)
+        } else {
+            None
+        }),
+        BinaryOp::Less => decided(if hi < 0 {
+            Some(true)
+        } else if lo >= 0 {
+            Some(false)
+        } else {
+            None
+        }),
+        BinaryOp::LessEqual => decided(if hi <= 0 {
+            Some(true)
+        } else if lo > 0 {
+            Some(false)
+        } else {
+            None
+        }),
+        BinaryOp::Greater => decided(if lo > 0 {
+            Some(true)
+        } else if hi <= 0 {
+            Some(false)
+        } else {
+            None
+        }),
+        BinaryOp::GreaterEqual => decided(if lo >= 0 {
+            Some(true)
+        } else if hi < 0 {
+            Some(false)
+        } else {
+            None
+        }),
+        BinaryOp::Pow | BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => None,
+    }
+}
+
+/// `a op b` over symbolic integer tensors, when every element can be decided.
+fn sym_binary(imp: &Importer, op: BinaryOp, a: &SymInts, b: &SymInts) -> Option<Val> {
+    let (shape, pairs) = broadcast_pairs(&a.shape, &b.shape)?;
+    let results: Vec<Result<Dim, bool>> = pairs
+        .iter()
+        .map(|&(i, j)| dim_binary(imp, op, &a.values[i], &b.values[j]))
+        .collect::<Option<_>>()?;
+    if results.iter().all(Result::is_err) {
+        let bools = results
+            .into_iter()
+            .map(|r| r.err().unwrap_or(false))
+            .collect();
+        return Some(Val::Static(Tensor::from_bools(shape, bools)));
+    }
+    let values: Vec<Dim> = results.into_iter().collect::<Result<_, _>>().ok()?;
+    Some(Val::Ints(SymInts {
+        dtype: a.dtype,
+        shape,
+        values,
+    }))
+}
+
+fn binary_on(
+    imp: &mut Importer,
+    node_name: &str,
+    op: BinaryOp,
+    a: &Val,
+    b: &Val,
+) -> Result<Val, String> {
+    if let (Some(x), Some(y)) = (imp.ints(a), imp.ints(b)) {
+        let symbolic = x.to_tensor().is_none() || y.to_tensor().is_none();
+        if symbolic {
+            if let Some(val) = sym_binary(imp, op, &x, &y) {
+                return Ok(val);
+            }
+        }
+    }
+    imp.emit(node_name, Op::Binary(op), &[a.clone(), b.clone()])
+}
+
+fn binary(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = binary_op(&node.op_type);
+    Ok(vec![binary_on(
+        imp,
+        &name(node),
+        op,
+        input(inputs, 0),
+        input(inputs, 1),
+    )?])
+}
+
+fn min_max(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = binary_op(&node.op_type);
+    let mut acc = input(inputs, 0).clone();
+    for (i, next) in inputs.iter().enumerate().skip(1) {
+        let step_name = if i + 1 == inputs.len() {
+            name(node)
+        } else {
+            format!("{}.{i}", name(node))
+        };
+        acc = binary_on(imp, &step_name, op, &acc, next)?;
+    }
+    Ok(vec![acc])
+}
+
+fn where_(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let (cond, x, y) = (input(inputs, 0), input(inputs, 1), input(inputs, 2));
+    if let (Some(c), Some(xs), Some(ys)) = (imp.known(cond), imp.ints(x), imp.ints(y)) {
+        if let Some((shape, pairs)) = broadcast_pairs(c.shape(), &xs.shape)
+            .filter(|(s, _)| broadcast_pairs(s, &ys.shape).is_some())
+        {
+            let (shape, outer) = broadcast_pairs(&shape, &ys.shape).unwrap_or((shape, vec![]));
+            let bools = c.to_bools();
+            let values = outer
+                .iter()
+                .map(|&(k, j)| {
+                    let (ci, xi) = pairs[k % pairs.len()];
+                    if bools[ci] {
+                        xs.values[xi].clone()
+                    } else {
+                        ys.values[j].clone()
+                    }
+                })
+                .collect();
+            return Ok(vec![Val::Ints(SymInts {
+                dtype: xs.dtype,
+                shape,
+                values,
+            })]);
+        }
+    }
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Where,
+        &[cond.clone(), x.clone(), y.clone()],
+    )?])
+}
+
+fn not(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Unary(UnaryOp::Not),
+        &inputs[..1],
+    )?])
+}
+
+/// `IsNaN(x)` is `not(x == x)`.
+fn is_nan(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0).clone();
+    let equal = imp.emit(
+        &format!("{}.self_equal", name(node)),
+        Op::Binary(BinaryOp::Equal),
+        &[x.clone(), x],
+    )?;
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Unary(UnaryOp::Not),
+        &[equal],
+    )?])
+}
+
+fn unary(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = match node.op_type.as_str() {
+        "Neg" => UnaryOp::Neg,
+        "Abs" => UnaryOp::Abs,
+        "Relu" => UnaryOp::Relu,
+        "Exp" => UnaryOp::Exp,
+        "Log" => UnaryOp::Log,
+        "Sqrt" => UnaryOp::Sqrt,
+        "Reciprocal" => UnaryOp::Reciprocal,
+        "Erf" => UnaryOp::Erf,
+        "Tanh" => UnaryOp::Tanh,
+        "Sigmoid" => UnaryOp::Sigmoid,
+        "Sin" => UnaryOp::Sin,
+        _ => UnaryOp::Cos,
+    };
+    Ok(vec![imp.emit(&name(node), Op::Unary(op), &inputs[..1])?])
+}
+
+fn gelu(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = match attr_str(node, "approximate").as_deref().unwrap_or("none") {
+        "none" => UnaryOp::Gelu,
+        "tanh" => UnaryOp::GeluTanh,
+        other => return Err(format!("approximate `{other}` is not supported")),
+    };
+    Ok(vec![imp.emit(&name(node), Op::Unary(op), &inputs[..1])?])
+}
+
+fn matmul(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    Ok(vec![imp.emit(&name(node), Op::MatMul, &inputs[..2])?])
+}
+
+/// `alpha * A' @ B' + beta * C`, in primitives.
+fn gemm(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let mut a = input(inputs, 0).clone();
+    let mut b = input(inputs, 1).clone();
+    if attr_int(node, "transA", 0) == 1 {
+        a = imp.emit(
+            &format!("{n}.a_t"),
+            Op::Transpose { perm: vec![1, 0] },
+            &[a],
+        )?;
+    }
+    if attr_int(node, "transB", 0) == 1 {
+        b = imp.emit(
+            &format!("{n}.b_t"),
+            Op::Transpose { perm: vec![1, 0] },
+            &[b],
+        )?;
+    }
+    let (alpha, beta) = (
+        attr_float(node, "alpha", 1.0),
+        attr_float(node, "beta", 1.0),
+    );
+    let has_c = present(inputs, 2);
+    let mut y = imp.emit(
+        &if has_c || alpha != 1.0 {
+            format!("{n}.matmul")
+        } else {
+            n.clone()
+        },
+        Op::MatMul,
+        &[a, b],
+    )?;
+    let dtype = imp.ty(&y)?.dtype;
+    let scalar = |v: f32| Val::Static(Tensor::from_f64s(dtype, vec![], vec![f64::from(v)]));
+    if alpha != 1.0 {
+        y = imp.emit(
+            &if has_c {
+                format!("{n}.alpha")
+            } else {
+                n.clone()
+            },
+            Op::Binary(BinaryOp::Mul),
+            &[y, scalar(alpha)],
+        )?;
+    }
+    if has_c {
+        let mut c = input(inputs, 2).clone();
+        if beta != 1.0 {
+            c = imp.emit(
+                &format!("{n}.beta"),
+                Op::Binary(BinaryOp::Mul),
+                &[c, scalar(beta)],
+            )?;
+        }
+        y = imp.emit(&n, Op::Binary(BinaryOp::Add), &[y, c])?;
+    }
+    Ok(vec![y])
+}
+
+fn softmax(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Softmax {
+            axis: attr_int(node, "axis", -1),
+        },
+        &inputs[..1],
+    )?])
+}
+
+fn reduce(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = match node.op_type.as_str() {
+        "ReduceSum" => ReduceOp::Sum,
+        "ReduceMean" => ReduceOp::Mean,
+        "ReduceMax" => ReduceOp::Max,
+        "ReduceMin" => ReduceOp::Min,
+        _ => ReduceOp::Prod,
+    };
+    let x = input(inputs, 0);
+    let rank = imp.ty(x)?.rank();
+    let axes = axes_of(imp, node, inputs, 1)?.unwrap_or_default();
+    let keep_dims = attr_int(node, "keepdims", 1) == 1;
+    if axes.is_empty() && attr_int(node, "noop_with_empty_axes", 0) == 1 {
+        return Ok(vec![x.clone()]);
+    }
+    if rank == 0 {
+        return Ok(vec![x.clone()]);
+    }
+    let axes = if axes.is_empty() {
+        (0..rank as i64).collect()
+    } else {
+        axes
+    };
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Reduce {
+            op,
+            axes,
+            keep_dims,
+        },
+        std::slice::from_ref(x),
+    )?])
+}
+
+fn layer_norm(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err("the Mean and InvStdDev outputs are not supported".into());
+    }
+    let op = Op::LayerNorm {
+        axis: attr_int(node, "axis", -1),
+        eps: F32(attr_float(node, "epsilon", 1e-5)),
+    };
+    let operands: Vec<Val> = inputs
+        .iter()
+        .take(3)
+        .filter(|v| !matches!(v, Val::Absent))
+        .cloned()
+        .collect();
+    Ok(vec![imp.emit(&name(node), op, &operands)?])
+}
+
+fn clip(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let mut y = input(inputs, 0).clone();
+    let dtype = imp.ty(&y)?.dtype;
+    let bound = |i: usize, attr_name: &str| -> Option<Val> {
+        if present(inputs, i) {
+            Some(input(inputs, i).clone())
+        } else {
+            attr(node, attr_name)
+                .map(|a| Val::Static(Tensor::from_f64s(dtype, vec![], vec![f64::from(a.f)])))
+        }
+    };
+    let (lo, hi) = (bound(1, "min"), bound(2, "max"));
+    if let Some(lo) = lo {
+        y = imp.emit(
+            &if hi.is_some() {
+                format!("{n}.min")
+            } else {
+                n.clone()
+            },
+            Op::Binary(BinaryOp::Max),
+            &[y, lo],
+        )?;
+    }
+    if let Some(hi) = hi {
+        y = imp.emit(&n, Op::Binary(BinaryOp::Min), &[y, hi])?;
+    }
+    Ok(vec![y])
+}
+
+/// `(x - zero_point) * scale`, per tensor or per `axis`.
+fn dequantize_linear(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    if attr_int(node, "block_size", 0) != 0 {
+        return Err("blocked quantization is not supported".into());
+    }
+    let n = name(node);
+    let x = input(inputs, 0).clone();
+    let x_ty = imp.ty(&x)?;
+    let scale = input(inputs, 1).clone();
+    let scale_ty = imp.ty(&scale)?;
+    let per_axis = |imp: &mut Importer, v: Val, what: &str| -> Result<Val, String> {
+        if imp.ty(&v)?.rank() != 1 || x_ty.rank() == 0 {
+            return Ok(v);
+        }
+        let axis = attr_int(node, "axis", 1);
+        let axis = usize::try_from(if axis < 0 {
+            axis + x_ty.rank() as i64
+        } else {
+            axis
+        })
+        .map_err(|_| "axis out of range")?;
+        let dims: Vec<Dim> = (0..x_ty.rank())
+            .map(|i| {
+                if i == axis {
+                    imp.ty(&v)
+                        .map(|t| t.shape.0[0].clone())
+                        .unwrap_or(Dim::Const(1))
+                } else {
+                    Dim::Const(1)
+                }
+            })
+            .collect();
+        reshaped(imp, &format!("{n}.{what}_axis"), &v, dims)
+    };
+    let mut values = imp.emit(&format!("{n}.float"), Op::Cast { to: scale_ty.dtype }, &[x])?;
+    if present(inputs, 2) {
+        let zero = imp.emit(
+            &format!("{n}.zero_float"),
+            Op::Cast { to: scale_ty.dtype },
+            &inputs[2..3],
+        )?;
+        let zero = per_axis(imp, zero, "zero")?;
+        values = imp.emit(
+            &format!("{n}.centered"),
+            Op::Binary(BinaryOp::Sub),
+            &[values, zero],
+        )?;
+    }
+    let scale = per_axis(imp, scale, "scale")?;
+    Ok(vec![imp.emit(
+        &n,
+        Op::Binary(BinaryOp::Mul),
+        &[values, scale],
+    )?])
+}
