@@ -32,6 +32,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Report which of a model's ops kiln supports (ONNX), or whether it loads (other formats).
+    Check {
+        /// An `.onnx` file, a safetensors model directory, a `.gguf` or a `.kir` file.
+        model: PathBuf,
+    },
     /// Run a model on inputs from a safetensors file and write its outputs to another.
     Run {
         /// A `.kir` file or a safetensors model directory.
@@ -97,6 +102,46 @@ fn inspect(model: &Path, shapes: &[String], dims: &[(String, i64)], as_json: boo
     Ok(())
 }
 
+fn check(model: &Path) -> Result<()> {
+    if model.extension().and_then(|e| e.to_str()) != Some("onnx") {
+        let graph = load_model(model, &[])?;
+        println!("{}: supported ({} nodes)", model.display(), graph.len());
+        return Ok(());
+    }
+    let coverage = kiln_frontend::onnx::coverage(model)?;
+    let min = kiln_frontend::onnx::MIN_OPSET;
+    let opset_note = if coverage.opset >= min {
+        ""
+    } else {
+        " (not supported: kiln reads opset 13 and later)"
+    };
+    println!("{}: opset {}{opset_note}", model.display(), coverage.opset);
+    println!("  {:<28} {:>6}  supported", "op type", "nodes");
+    for (op, (count, supported)) in &coverage.ops {
+        println!(
+            "  {op:<28} {count:>6}  {}",
+            if *supported { "yes" } else { "NO" }
+        );
+    }
+    let missing: Vec<&str> = coverage
+        .ops
+        .iter()
+        .filter(|(_, (_, s))| !s)
+        .map(|(op, _)| op.as_str())
+        .collect();
+    if missing.is_empty() && coverage.opset >= min {
+        println!("all {} op types are supported", coverage.ops.len());
+        Ok(())
+    } else {
+        bail!(
+            "{} of {} op types are not supported: {}",
+            missing.len(),
+            coverage.ops.len(),
+            missing.join(", ")
+        )
+    }
+}
+
 fn run(
     model: &Path,
     shapes: &[String],
@@ -128,6 +173,7 @@ fn main() -> ExitCode {
             dims,
             json,
         } => inspect(model, shapes, dims, *json),
+        Command::Check { model } => check(model),
         Command::Run {
             model,
             shapes,

@@ -107,8 +107,8 @@ fn bad_input_gets_a_clear_error() {
     let model = example("attention_block.kir");
     let model = model.to_str().unwrap();
     expect_error(
-        &["inspect", "model.onnx"],
-        "model.onnx: unsupported model format",
+        &["inspect", "model.tflite"],
+        "model.tflite: unsupported model format",
     );
     expect_error(&["inspect", "missing.kir"], "missing.kir: No such file");
     expect_error(

@@ -62,6 +62,11 @@ impl InputShapes {
         Ok(())
     }
 
+    /// Requests `dims` for `input`, replacing any earlier request.
+    pub fn insert(&mut self, input: &str, dims: Vec<DimSpec>) {
+        self.by_input.insert(input.to_string(), dims);
+    }
+
     /// The dims requested for `input`, if any.
     pub fn get(&self, input: &str) -> Option<&[DimSpec]> {
         self.by_input.get(input).map(Vec::as_slice)

@@ -86,8 +86,86 @@ pub(crate) struct Importer<'a> {
     shapes: &'a InputShapes,
 }
 
+/// Decodes a serialized `TensorProto` (the `input_N.pb` files of ONNX test data).
+pub fn read_tensor_proto(bytes: &[u8]) -> std::result::Result<Tensor, String> {
+    let proto = onnx_protobuf::TensorProto::parse_from_bytes(bytes)
+        .map_err(|e| format!("not a TensorProto: {e}"))?;
+    tensor::tensor_of(&tensor::weight_of(
+        &proto,
+        Path::new("."),
+        &mut Default::default(),
+    )?)
+}
+
+/// The names of a model's graph inputs (initializers excluded), in order.
+pub fn input_names(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| FrontendError::new(path, e.to_string()))?;
+    let model = ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| FrontendError::new(path, format!("not a valid ONNX model: {e}")))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| FrontendError::new(path, "the model has no graph"))?;
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|i| i.name.as_str()).collect();
+    Ok(graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(i.name.as_str()))
+        .map(|i| i.name.clone())
+        .collect())
+}
+
+/// Which op types a model uses and whether kiln reads each: the report of `kiln check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Coverage {
+    /// The default-domain opset the model imports.
+    pub opset: i64,
+    /// Per op type (with its domain when not the default): node count and whether it is supported.
+    pub ops: BTreeMap<String, (usize, bool)>,
+}
+
+/// The op coverage of an ONNX model.
+pub fn coverage(path: &Path) -> Result<Coverage> {
+    let bytes = std::fs::read(path).map_err(|e| FrontendError::new(path, e.to_string()))?;
+    let model = ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| FrontendError::new(path, format!("not a valid ONNX model: {e}")))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| FrontendError::new(path, "the model has no graph"))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(0, |o| o.version);
+    let unsupported = ops::unsupported(&graph.node);
+    let mut ops: BTreeMap<String, (usize, bool)> = BTreeMap::new();
+    for node in &graph.node {
+        let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
+        let key = if default_domain {
+            node.op_type.clone()
+        } else {
+            format!("{}.{}", node.domain, node.op_type)
+        };
+        let supported = !unsupported.contains_key(&key);
+        ops.entry(key).or_insert((0, supported)).0 += 1;
+    }
+    Ok(Coverage { opset, ops })
+}
+
 /// Reads an ONNX model.
 pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph> {
+    load_with_constants(path, shapes, &HashMap::new())
+}
+
+/// Reads an ONNX model with some graph inputs fixed to known values, which then fold like
+/// initializers (for inputs an AOT build must know, such as shapes or axes given as inputs).
+pub fn load_with_constants(
+    path: &Path,
+    shapes: &InputShapes,
+    constants: &HashMap<String, Tensor>,
+) -> Result<Graph> {
     let err = |message: String| FrontendError::new(path, message);
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let model = ModelProto::parse_from_bytes(&bytes)
@@ -165,7 +243,28 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph> {
         if importer.vals.contains_key(&input.name) {
             continue;
         }
-        importer.add_input(input).map_err(&err)?;
+        match constants.get(&input.name) {
+            Some(value) => {
+                let id_or_value = if value.numel() <= FOLD_LIMIT {
+                    Val::Static(value.clone())
+                } else {
+                    Val::Node(importer.constant(&input.name, value).map_err(&err)?)
+                };
+                importer.vals.insert(input.name.clone(), id_or_value);
+            }
+            None => importer.add_input(input).map_err(&err)?,
+        }
+    }
+    let unknown: Vec<&str> = constants
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !graph.input.iter().any(|i| i.name == *n))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(err(format!(
+            "constant values given for unknown inputs: {}",
+            unknown.join(", ")
+        )));
     }
     let unknown: Vec<&str> = shapes
         .names()

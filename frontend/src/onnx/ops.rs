@@ -13,7 +13,8 @@ type Handler = fn(&mut Importer, &NodeProto, &[Val]) -> Outputs;
 /// The import function for an op type of the default domain.
 fn handler(op_type: &str) -> Option<Handler> {
     Some(match op_type {
-        "Identity" | "Dropout" => identity,
+        "Identity" => identity,
+        "Dropout" => dropout,
         "Constant" => constant,
         "Shape" => shape,
         "Gather" => gather,
@@ -212,6 +213,36 @@ fn axes_of(
 
 fn identity(_: &mut Importer, _: &NodeProto, inputs: &[Val]) -> Outputs {
     Ok(vec![input(inputs, 0).clone()])
+}
+
+/// Inference-mode dropout: the identity, with an all-true mask when one is requested.
+fn dropout(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let x = input(inputs, 0).clone();
+    let training = match input(inputs, 2) {
+        Val::Absent => false,
+        v => imp
+            .known(v)
+            .map(|t| t.to_bools()[0])
+            .ok_or("`training_mode` must be known at compile time")?,
+    };
+    let ratio = imp.known(input(inputs, 1)).map_or(0.5, |t| t.to_f64s()[0]);
+    if training && ratio != 0.0 {
+        return Err("Dropout in training mode is not supported".into());
+    }
+    let mut outputs = vec![x.clone()];
+    if node.output.get(1).is_some_and(|o| !o.is_empty()) {
+        let shape = imp.ty(&x)?.shape;
+        outputs.push(imp.emit(
+            &format!("{}.mask", name(node)),
+            Op::Fill {
+                value: Scalar::Bool(true),
+                dtype: DType::Bool,
+                shape,
+            },
+            &[],
+        )?);
+    }
+    Ok(outputs)
 }
 
 fn constant(imp: &mut Importer, node: &NodeProto, _: &[Val]) -> Outputs {
@@ -907,13 +938,35 @@ fn binary_on(
 
 fn binary(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     let op = binary_op(&node.op_type);
-    Ok(vec![binary_on(
-        imp,
-        &name(node),
-        op,
-        input(inputs, 0),
-        input(inputs, 1),
-    )?])
+    let (a, b) = (input(inputs, 0), input(inputs, 1));
+    if op == BinaryOp::Pow {
+        return Ok(vec![pow(imp, node, a, b)?]);
+    }
+    Ok(vec![binary_on(imp, &name(node), op, a, b)?])
+}
+
+/// ONNX `Pow` lets the exponent's type differ from the base's; the result has the base's type.
+fn pow(imp: &mut Importer, node: &NodeProto, base: &Val, exponent: &Val) -> Result<Val, String> {
+    let n = name(node);
+    let (base_ty, exp_ty) = (imp.ty(base)?.dtype, imp.ty(exponent)?.dtype);
+    if base_ty == exp_ty {
+        return binary_on(imp, &n, BinaryOp::Pow, base, exponent);
+    }
+    if base_ty.is_float() {
+        let exponent = imp.emit(
+            &format!("{n}.exponent"),
+            Op::Cast { to: base_ty },
+            std::slice::from_ref(exponent),
+        )?;
+        return binary_on(imp, &n, BinaryOp::Pow, base, &exponent);
+    }
+    let wide = imp.emit(
+        &format!("{n}.base"),
+        Op::Cast { to: exp_ty },
+        std::slice::from_ref(base),
+    )?;
+    let power = binary_on(imp, &format!("{n}.power"), BinaryOp::Pow, &wide, exponent)?;
+    imp.emit(&n, Op::Cast { to: base_ty }, &[power])
 }
 
 fn min_max(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
@@ -1122,12 +1175,13 @@ fn reduce(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
 }
 
 fn layer_norm(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
-    if node.output.iter().skip(1).any(|o| !o.is_empty()) {
-        return Err("the Mean and InvStdDev outputs are not supported".into());
-    }
+    let (axis, eps) = (
+        attr_int(node, "axis", -1),
+        attr_float(node, "epsilon", 1e-5),
+    );
     let op = Op::LayerNorm {
-        axis: attr_int(node, "axis", -1),
-        eps: F32(attr_float(node, "epsilon", 1e-5)),
+        axis,
+        eps: F32(eps),
     };
     let operands: Vec<Val> = inputs
         .iter()
@@ -1135,7 +1189,54 @@ fn layer_norm(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         .filter(|v| !matches!(v, Val::Absent))
         .cloned()
         .collect();
-    Ok(vec![imp.emit(&name(node), op, &operands)?])
+    let mut outputs = vec![imp.emit(&name(node), op, &operands)?];
+    if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        // Mean and 1/sqrt(var + eps) over the normalized axes, kept as size-1 axes.
+        let n = name(node);
+        let x = input(inputs, 0).clone();
+        let ty = imp.ty(&x)?;
+        let first = if axis < 0 {
+            axis + ty.rank() as i64
+        } else {
+            axis
+        };
+        let axes: Vec<i64> = (first..ty.rank() as i64).collect();
+        let reduce = |axes: &[i64]| Op::Reduce {
+            op: ReduceOp::Mean,
+            axes: axes.to_vec(),
+            keep_dims: true,
+        };
+        let mean = imp.emit(
+            &format!("{n}.mean"),
+            reduce(&axes),
+            std::slice::from_ref(&x),
+        )?;
+        let centered = imp.emit(
+            &format!("{n}.centered"),
+            Op::Binary(BinaryOp::Sub),
+            &[x, mean.clone()],
+        )?;
+        let squares = imp.emit(
+            &format!("{n}.squares"),
+            Op::Binary(BinaryOp::Mul),
+            &[centered.clone(), centered],
+        )?;
+        let variance = imp.emit(&format!("{n}.variance"), reduce(&axes), &[squares])?;
+        let eps = Val::Static(Tensor::from_f64s(ty.dtype, vec![], vec![f64::from(eps)]));
+        let shifted = imp.emit(
+            &format!("{n}.variance_eps"),
+            Op::Binary(BinaryOp::Add),
+            &[variance, eps],
+        )?;
+        let std = imp.emit(&format!("{n}.std"), Op::Unary(UnaryOp::Sqrt), &[shifted])?;
+        let inv_std = imp.emit(
+            &format!("{n}.inv_std"),
+            Op::Unary(UnaryOp::Reciprocal),
+            &[std],
+        )?;
+        outputs.extend([mean, inv_std]);
+    }
+    Ok(outputs)
 }
 
 fn clip(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {

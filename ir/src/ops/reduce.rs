@@ -105,7 +105,7 @@ pub(super) fn infer_reduce(
 ) -> Result<TensorType, String> {
     expect_arity(operands, 1, 1)?;
     let x = operands[0];
-    if x.dtype == DType::Bool {
+    if x.dtype == DType::Bool && !matches!(op, ReduceOp::Max | ReduceOp::Min) {
         return Err(format!("{} does not accept bool", op.name()));
     }
     if op == ReduceOp::Mean {
@@ -167,6 +167,20 @@ pub(super) fn eval_reduce(
     ctx: EvalCtx,
 ) -> Result<Tensor, String> {
     let axes = resolve_axes(axes, x.shape().len())?;
+    if x.dtype() == DType::Bool {
+        // Max is "any" and min is "all"; over no elements they give false and true.
+        let bools = x.to_bools();
+        let mut out = Vec::new();
+        for_each_group(x.shape(), &axes, |base, offsets| {
+            let mut items = offsets.iter().map(|&o| bools[base + o]);
+            out.push(if op == ReduceOp::Max {
+                items.any(|b| b)
+            } else {
+                items.all(|b| b)
+            });
+        });
+        return Ok(Tensor::from_bools(ctx.out_shape.to_vec(), out));
+    }
     if x.dtype().is_int() && op != ReduceOp::Mean {
         let mut out = Vec::new();
         let ints = x.to_i64s();
@@ -273,6 +287,35 @@ mod tests {
         assert_eq!(sum.to_i64s(), [i64::MAX, 1]);
         let max = eval(&reduce(ReduceOp::Max, &[0], false), &[x]).unwrap();
         assert_eq!(max.to_i64s(), [i64::MAX - 1, 4]);
+    }
+
+    #[test]
+    fn bool_max_is_any_and_min_is_all() {
+        let x = Tensor::bool(&[2, 2], vec![true, false, false, false]).unwrap();
+        let any = eval(
+            &reduce(ReduceOp::Max, &[1], false),
+            std::slice::from_ref(&x),
+        )
+        .unwrap();
+        assert_eq!(any.to_bools(), [true, false]);
+        let all = eval(
+            &reduce(ReduceOp::Min, &[0], false),
+            std::slice::from_ref(&x),
+        )
+        .unwrap();
+        assert_eq!(all.to_bools(), [false, false]);
+        let empty = Tensor::bool(&[0, 2], vec![]).unwrap();
+        let any = eval(
+            &reduce(ReduceOp::Max, &[0], false),
+            std::slice::from_ref(&empty),
+        )
+        .unwrap();
+        assert_eq!(any.to_bools(), [false, false]);
+        assert!(infer(
+            &reduce(ReduceOp::Sum, &[0], false),
+            &[ty(DType::Bool, &["2"])]
+        )
+        .is_err());
     }
 
     #[test]
