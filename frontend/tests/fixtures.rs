@@ -301,3 +301,14 @@ fn minilm_l3_onnx_matches_onnxruntime() {
         }
     }
 }
+
+#[test]
+fn tiny_gpt2_safetensors_matches_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
+    let graph = load(&dir, &InputShapes::new()).unwrap();
+    let reference = load_tensors(&dir.join("reference.safetensors")).unwrap();
+    let out = run(&graph, vec![("input_ids", &reference["input_ids"])]);
+    let diff = max_diff(&out["logits"], &reference["logits"]);
+    println!("tiny-gpt2: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}

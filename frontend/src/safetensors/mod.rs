@@ -3,6 +3,7 @@
 //! builds the graph; weights stay memory-mapped.
 
 mod bert;
+mod gpt2;
 pub(crate) mod llama;
 
 use crate::build::{Builder, Result};
@@ -12,7 +13,12 @@ use kiln_ir::Graph;
 use std::path::Path;
 
 /// The architectures with a template, as `config.json` names them.
-pub const ARCHITECTURES: [&str; 3] = ["BertModel", "LlamaForCausalLM", "LlamaModel"];
+pub const ARCHITECTURES: [&str; 4] = [
+    "BertModel",
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "LlamaModel",
+];
 
 /// Builds the graph of the model in `dir`.
 pub fn load_dir(dir: &Path, shapes: &InputShapes) -> Result<Graph> {
@@ -41,6 +47,7 @@ pub fn load_dir(dir: &Path, shapes: &InputShapes) -> Result<Graph> {
     builder.set_weights_file(&weights_path);
     match architecture.as_str() {
         "BertModel" => bert::build(&mut builder, &config, &config_path, dir, shapes)?,
+        "GPT2LMHeadModel" => gpt2::build(&mut builder, &config, &config_path, shapes)?,
         "LlamaForCausalLM" | "LlamaModel" => llama::build(
             &mut builder,
             &config,
