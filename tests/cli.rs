@@ -165,3 +165,48 @@ fn inputs_beyond_a_symbol_maximum_are_refused() {
         "input `x` is f32[1, 65, 16], expected f32[batch, seq, 16]: axis 1: seq = 65 is outside 1..=64",
     );
 }
+
+#[test]
+fn real_model_formats_run_from_the_command_line() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-bert");
+    let reference = kiln_ir::load_tensors(&fixtures.join("reference.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inputs.safetensors");
+    let names = ["input_ids", "attention_mask", "token_type_ids"];
+    let feed: Vec<(String, kiln_ir::Tensor)> = names
+        .iter()
+        .map(|n| (n.to_string(), reference[*n].clone()))
+        .collect();
+    kiln_ir::save_tensors(&inputs, &feed).unwrap();
+    for model in [fixtures.join("model.onnx"), fixtures.clone()] {
+        let out = dir.path().join("out.safetensors");
+        let result = kiln(&[
+            "run",
+            model.to_str().unwrap(),
+            "--shape",
+            "input_ids=batch:2xseq:32",
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let (shape, _) = f32s(&out, "last_hidden_state");
+        assert_eq!(shape, reference["last_hidden_state"].shape());
+    }
+    let check = kiln(&[
+        "check",
+        fixtures.join("model-dynamo.onnx").to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success()
+            && stdout.contains("GatherND")
+            && stdout.contains("all 23 op types are supported"),
+        "{stdout}"
+    );
+}
