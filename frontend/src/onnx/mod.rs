@@ -9,8 +9,6 @@
 mod ops;
 mod tensor;
 
-pub use ops::supported_op_types;
-
 use crate::build::{Builder, Result};
 use crate::shapes::{DimSpec, InputShapes};
 use crate::FrontendError;

@@ -41,6 +41,20 @@ fn handler(op_type: &str) -> Option<Handler> {
         "Neg" | "Abs" | "Relu" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Erf" | "Tanh"
         | "Sigmoid" | "Sin" | "Cos" => unary,
         "Gelu" => gelu,
+        "Floor" | "Ceil" | "Round" | "Sign" => unary,
+        "Mod" => modulo,
+        "ArgMax" | "ArgMin" => arg,
+        "Size" => size,
+        "LogSoftmax" => log_softmax,
+        "Trilu" => trilu,
+        "Tile" => tile,
+        "ReduceL1" | "ReduceL2" | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {
+            reduce_composite
+        }
+        "Sum" | "Mean" => sum_mean,
+        "LeakyRelu" | "HardSigmoid" | "HardSwish" | "Softplus" | "Softsign" | "Elu" | "Selu"
+        | "Celu" | "ThresholdedRelu" | "PRelu" => activation,
+        "RMSNormalization" => rms_norm,
         "MatMul" => matmul,
         "Gemm" => gemm,
         "Softmax" => softmax,
@@ -50,76 +64,6 @@ fn handler(op_type: &str) -> Option<Handler> {
         "DequantizeLinear" => dequantize_linear,
         _ => return None,
     })
-}
-
-/// The op types kiln reads, sorted.
-pub fn supported_op_types() -> Vec<&'static str> {
-    let mut names = vec![
-        "Identity",
-        "Dropout",
-        "Constant",
-        "Shape",
-        "Gather",
-        "GatherND",
-        "Unsqueeze",
-        "Squeeze",
-        "Concat",
-        "Reshape",
-        "Flatten",
-        "Expand",
-        "ConstantOfShape",
-        "Range",
-        "Slice",
-        "Split",
-        "Transpose",
-        "Cast",
-        "CastLike",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Pow",
-        "Equal",
-        "Less",
-        "LessOrEqual",
-        "Greater",
-        "GreaterOrEqual",
-        "And",
-        "Or",
-        "Xor",
-        "Max",
-        "Min",
-        "Where",
-        "Not",
-        "IsNaN",
-        "Neg",
-        "Abs",
-        "Relu",
-        "Exp",
-        "Log",
-        "Sqrt",
-        "Reciprocal",
-        "Erf",
-        "Tanh",
-        "Sigmoid",
-        "Sin",
-        "Cos",
-        "Gelu",
-        "MatMul",
-        "Gemm",
-        "Softmax",
-        "ReduceSum",
-        "ReduceMean",
-        "ReduceMax",
-        "ReduceMin",
-        "ReduceProd",
-        "LayerNormalization",
-        "Clip",
-        "DequantizeLinear",
-    ];
-    debug_assert!(names.iter().all(|n| handler(n).is_some()));
-    names.sort_unstable();
-    names
 }
 
 /// Op types (with their domain when not the default) that have no import function, each with
@@ -174,6 +118,14 @@ fn input(inputs: &[Val], i: usize) -> &Val {
 
 fn present(inputs: &[Val], i: usize) -> bool {
     !matches!(input(inputs, i), Val::Absent)
+}
+
+/// The first `n` inputs, all present.
+fn operands(inputs: &[Val], n: usize) -> Result<&[Val], String> {
+    match inputs.get(..n) {
+        Some(first) if !first.iter().any(|v| matches!(v, Val::Absent)) => Ok(first),
+        _ => Err(format!("expects at least {n} inputs, got {}", inputs.len())),
+    }
 }
 
 fn name(node: &NodeProto) -> String {
@@ -321,7 +273,7 @@ fn gather_nd(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     Ok(vec![imp.emit(
         &name(node),
         Op::GatherNd { batch_dims },
-        &inputs[..2.min(inputs.len())],
+        operands(inputs, 2)?,
     )?])
 }
 
@@ -508,7 +460,7 @@ fn expand(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     Ok(vec![imp.emit(
         &name(node),
         Op::Expand { shape },
-        &inputs[..1],
+        operands(inputs, 1)?,
     )?])
 }
 
@@ -747,7 +699,7 @@ fn transpose(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     Ok(vec![imp.emit(
         &name(node),
         Op::Transpose { perm },
-        &inputs[..1],
+        operands(inputs, 1)?,
     )?])
 }
 
@@ -892,7 +844,12 @@ fn dim_binary(imp: &Importer, op: BinaryOp, a: &Dim, b: &Dim) -> Option<Result<D
         } else {
             None
         }),
-        BinaryOp::Pow | BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => None,
+        BinaryOp::Pow
+        | BinaryOp::Mod
+        | BinaryOp::Rem
+        | BinaryOp::And
+        | BinaryOp::Or
+        | BinaryOp::Xor => None,
     }
 }
 
@@ -1020,7 +977,7 @@ fn not(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     Ok(vec![imp.emit(
         &name(node),
         Op::Unary(UnaryOp::Not),
-        &inputs[..1],
+        operands(inputs, 1)?,
     )?])
 }
 
@@ -1052,9 +1009,17 @@ fn unary(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         "Tanh" => UnaryOp::Tanh,
         "Sigmoid" => UnaryOp::Sigmoid,
         "Sin" => UnaryOp::Sin,
+        "Floor" => UnaryOp::Floor,
+        "Ceil" => UnaryOp::Ceil,
+        "Round" => UnaryOp::Round,
+        "Sign" => UnaryOp::Sign,
         _ => UnaryOp::Cos,
     };
-    Ok(vec![imp.emit(&name(node), Op::Unary(op), &inputs[..1])?])
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Unary(op),
+        operands(inputs, 1)?,
+    )?])
 }
 
 fn gelu(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
@@ -1063,11 +1028,19 @@ fn gelu(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         "tanh" => UnaryOp::GeluTanh,
         other => return Err(format!("approximate `{other}` is not supported")),
     };
-    Ok(vec![imp.emit(&name(node), Op::Unary(op), &inputs[..1])?])
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Unary(op),
+        operands(inputs, 1)?,
+    )?])
 }
 
 fn matmul(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
-    Ok(vec![imp.emit(&name(node), Op::MatMul, &inputs[..2])?])
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::MatMul,
+        operands(inputs, 2)?,
+    )?])
 }
 
 /// `alpha * A' @ B' + beta * C`, in primitives.
@@ -1136,7 +1109,7 @@ fn softmax(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         Op::Softmax {
             axis: attr_int(node, "axis", -1),
         },
-        &inputs[..1],
+        operands(inputs, 1)?,
     )?])
 }
 
@@ -1322,5 +1295,439 @@ fn dequantize_linear(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Ou
         &n,
         Op::Binary(BinaryOp::Mul),
         &[values, scale],
+    )?])
+}
+
+/// A scalar of `dtype` as a known value.
+fn scalar(dtype: DType, value: f64) -> Val {
+    Val::Static(Tensor::from_f64s(dtype, vec![], vec![value]))
+}
+
+fn modulo(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    // fmod=1 is C's fmod (sign of the dividend); fmod=0 is Python's % (sign of the divisor).
+    let op = if attr_int(node, "fmod", 0) == 1 {
+        BinaryOp::Rem
+    } else {
+        BinaryOp::Mod
+    };
+    Ok(vec![imp.emit(
+        &name(node),
+        Op::Binary(op),
+        operands(inputs, 2)?,
+    )?])
+}
+
+fn arg(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let op = if node.op_type == "ArgMax" {
+        kiln_ir::ops::ArgOp::Max
+    } else {
+        kiln_ir::ops::ArgOp::Min
+    };
+    let arg = Op::Arg {
+        op,
+        axis: attr_int(node, "axis", 0),
+        keep_dims: attr_int(node, "keepdims", 1) == 1,
+        select_last: attr_int(node, "select_last_index", 0) == 1,
+    };
+    Ok(vec![imp.emit(&name(node), arg, operands(inputs, 1)?)?])
+}
+
+fn size(imp: &mut Importer, _: &NodeProto, inputs: &[Val]) -> Outputs {
+    let numel = imp.ty(input(inputs, 0))?.shape.numel();
+    Ok(vec![Val::Ints(SymInts {
+        dtype: DType::I64,
+        shape: vec![],
+        values: vec![numel],
+    })])
+}
+
+/// `(x - max) - log(sum(exp(x - max)))` along the axis.
+fn log_softmax(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let axis = attr_int(node, "axis", -1);
+    let x = operands(inputs, 1)?[0].clone();
+    let keep = |op| Op::Reduce {
+        op,
+        axes: vec![axis],
+        keep_dims: true,
+    };
+    let max = imp.emit(
+        &format!("{n}.max"),
+        keep(ReduceOp::Max),
+        std::slice::from_ref(&x),
+    )?;
+    let shifted = imp.emit(
+        &format!("{n}.shifted"),
+        Op::Binary(BinaryOp::Sub),
+        &[x, max],
+    )?;
+    let exp = imp.emit(
+        &format!("{n}.exp"),
+        Op::Unary(UnaryOp::Exp),
+        std::slice::from_ref(&shifted),
+    )?;
+    let sum = imp.emit(&format!("{n}.sum"), keep(ReduceOp::Sum), &[exp])?;
+    let log = imp.emit(&format!("{n}.log_sum"), Op::Unary(UnaryOp::Log), &[sum])?;
+    Ok(vec![imp.emit(
+        &n,
+        Op::Binary(BinaryOp::Sub),
+        &[shifted, log],
+    )?])
+}
+
+/// Keeps the upper (or lower) triangle of the last two axes from diagonal `k`, zeroing the rest.
+fn trilu(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let x = operands(inputs, 1)?[0].clone();
+    let ty = imp.ty(&x)?;
+    if ty.rank() < 2 {
+        return Err("Trilu needs a tensor of rank >= 2".into());
+    }
+    let k = if present(inputs, 1) {
+        let ints = const_ints(imp, input(inputs, 1), "k")?;
+        *ints.first().ok_or("`k` is empty")?
+    } else {
+        0
+    };
+    let (rows, cols) = (
+        ty.shape.0[ty.rank() - 2].clone(),
+        ty.shape.0[ty.rank() - 1].clone(),
+    );
+    let range = |len: Dim| Op::Range {
+        start: Dim::Const(0),
+        step: 1,
+        len,
+        dtype: DType::I64,
+    };
+    let row_ids = imp.emit(&format!("{n}.rows"), range(rows.clone()), &[])?;
+    let row_ids = reshaped(
+        imp,
+        &format!("{n}.row_column"),
+        &row_ids,
+        vec![rows, Dim::Const(1)],
+    )?;
+    let col_ids = imp.emit(&format!("{n}.cols"), range(cols), &[])?;
+    let offset = imp.emit(
+        &format!("{n}.offset"),
+        Op::Binary(BinaryOp::Sub),
+        &[col_ids, row_ids],
+    )?;
+    let k = Val::Static(Tensor::from_i64s(DType::I64, vec![], vec![k]));
+    let compare = if attr_int(node, "upper", 1) == 1 {
+        BinaryOp::GreaterEqual
+    } else {
+        BinaryOp::LessEqual
+    };
+    let keep = imp.emit(&format!("{n}.keep"), Op::Binary(compare), &[offset, k])?;
+    let zero = scalar(ty.dtype, 0.0);
+    Ok(vec![imp.emit(&n, Op::Where, &[keep, x, zero])?])
+}
+
+/// Repeats along each axis: `[.., d, ..]` becomes `[.., r, d, ..]` by broadcast, then `r*d`.
+fn tile(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let mut x = operands(inputs, 2)?[0].clone();
+    let repeats = const_ints(imp, input(inputs, 1), "repeats")?;
+    let dims = imp.ty(&x)?.shape.0;
+    if repeats.len() != dims.len() || repeats.iter().any(|&r| r < 0) {
+        return Err(format!(
+            "repeats {repeats:?} do not fit rank {}",
+            dims.len()
+        ));
+    }
+    let mut current = dims.clone();
+    for (axis, &r) in repeats.iter().enumerate() {
+        if r == 1 {
+            continue;
+        }
+        let mut split = current.clone();
+        split.insert(axis, Dim::Const(1));
+        let mut expanded = split.clone();
+        expanded[axis] = Dim::Const(r);
+        let y = reshaped(imp, &format!("{n}.split{axis}"), &x, split)?;
+        let y = imp.emit(
+            &format!("{n}.expand{axis}"),
+            Op::Expand {
+                shape: Shape(expanded),
+            },
+            &[y],
+        )?;
+        current[axis] = Dim::mul(current[axis].clone(), Dim::Const(r));
+        x = reshaped(imp, &format!("{n}.merge{axis}"), &y, current.clone())?;
+    }
+    Ok(vec![x])
+}
+
+/// L1, L2, sum-of-squares, log-sum and log-sum-exp reductions, in primitives.
+fn reduce_composite(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let x = operands(inputs, 1)?[0].clone();
+    let rank = imp.ty(&x)?.rank() as i64;
+    let keep_dims = attr_int(node, "keepdims", 1) == 1;
+    let axes = axes_of(imp, node, inputs, 1)?.unwrap_or_default();
+    if axes.is_empty() && attr_int(node, "noop_with_empty_axes", 0) == 1 {
+        return Ok(vec![x]);
+    }
+    let axes = if axes.is_empty() {
+        (0..rank).collect()
+    } else {
+        axes
+    };
+    let sum = |keep: bool| Op::Reduce {
+        op: ReduceOp::Sum,
+        axes: axes.clone(),
+        keep_dims: keep,
+    };
+    let op_type = node.op_type.as_str();
+    if op_type == "ReduceLogSumExp" {
+        // max + log(sum(exp(x - max))), with the max kept for broadcasting.
+        let max_op = Op::Reduce {
+            op: ReduceOp::Max,
+            axes: axes.clone(),
+            keep_dims: true,
+        };
+        let max = imp.emit(&format!("{n}.max"), max_op, std::slice::from_ref(&x))?;
+        let shifted = imp.emit(
+            &format!("{n}.shifted"),
+            Op::Binary(BinaryOp::Sub),
+            &[x, max.clone()],
+        )?;
+        let exp = imp.emit(&format!("{n}.exp"), Op::Unary(UnaryOp::Exp), &[shifted])?;
+        let summed = imp.emit(&format!("{n}.sum"), sum(true), &[exp])?;
+        let log = imp.emit(&format!("{n}.log"), Op::Unary(UnaryOp::Log), &[summed])?;
+        let kept_name = if keep_dims {
+            n.clone()
+        } else {
+            format!("{n}.kept")
+        };
+        let kept = imp.emit(&kept_name, Op::Binary(BinaryOp::Add), &[log, max])?;
+        if keep_dims {
+            return Ok(vec![kept]);
+        }
+        let dims: Vec<Dim> = {
+            let ty = imp.ty(&kept)?;
+            let drop: Vec<usize> = axes
+                .iter()
+                .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
+                .collect();
+            ty.shape
+                .0
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !drop.contains(i))
+                .map(|(_, d)| d)
+                .collect()
+        };
+        return Ok(vec![reshaped(imp, &n, &kept, dims)?]);
+    }
+    let prepared = match op_type {
+        "ReduceL1" => imp.emit(&format!("{n}.abs"), Op::Unary(UnaryOp::Abs), &[x])?,
+        "ReduceL2" | "ReduceSumSquare" => imp.emit(
+            &format!("{n}.square"),
+            Op::Binary(BinaryOp::Mul),
+            &[x.clone(), x],
+        )?,
+        _ => x,
+    };
+    let finish = match op_type {
+        "ReduceL2" => Some(UnaryOp::Sqrt),
+        "ReduceLogSum" => Some(UnaryOp::Log),
+        _ => None,
+    };
+    let summed = imp.emit(
+        &if finish.is_some() {
+            format!("{n}.sum")
+        } else {
+            n.clone()
+        },
+        sum(keep_dims),
+        &[prepared],
+    )?;
+    match finish {
+        Some(f) => Ok(vec![imp.emit(&n, Op::Unary(f), &[summed])?]),
+        None => Ok(vec![summed]),
+    }
+}
+
+fn sum_mean(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let parts = operands(inputs, inputs.len().max(1))?;
+    let mut acc = parts[0].clone();
+    let mean = node.op_type == "Mean";
+    for (i, next) in parts.iter().enumerate().skip(1) {
+        let step = if i + 1 == parts.len() && !mean {
+            n.clone()
+        } else {
+            format!("{n}.add{i}")
+        };
+        acc = imp.emit(&step, Op::Binary(BinaryOp::Add), &[acc, next.clone()])?;
+    }
+    if mean {
+        let dtype = imp.ty(&acc)?.dtype;
+        acc = imp.emit(
+            &n,
+            Op::Binary(BinaryOp::Div),
+            &[acc, scalar(dtype, parts.len() as f64)],
+        )?;
+    }
+    Ok(vec![acc])
+}
+
+/// The activation functions ONNX defines by formula, in primitives.
+fn activation(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let x = operands(inputs, 1)?[0].clone();
+    let out_dtype = imp.ty(&x)?.dtype;
+    // Half-precision inputs are computed in f32 and rounded once, as the ONNX formulas intend.
+    let half = matches!(out_dtype, DType::F16 | DType::BF16);
+    let x = if half {
+        imp.emit(&format!("{n}.f32"), Op::Cast { to: DType::F32 }, &[x])?
+    } else {
+        x
+    };
+    let dtype = if half { DType::F32 } else { out_dtype };
+    let c = |v: f32| scalar(dtype, f64::from(v));
+    let mut step = 0;
+    let mut emit = |imp: &mut Importer, op: Op, args: &[Val]| {
+        step += 1;
+        imp.emit(&format!("{n}.{step}"), op, args)
+    };
+    let bin = |op| Op::Binary(op);
+    let un = |op| Op::Unary(op);
+    let y = match node.op_type.as_str() {
+        "LeakyRelu" => {
+            let scaled = emit(
+                imp,
+                bin(BinaryOp::Mul),
+                &[x.clone(), c(attr_float(node, "alpha", 0.01))],
+            )?;
+            let neg = emit(imp, bin(BinaryOp::Less), &[x.clone(), c(0.0)])?;
+            emit(imp, Op::Where, &[neg, scaled, x])?
+        }
+        "PRelu" => {
+            let slope = operands(inputs, 2)?[1].clone();
+            let scaled = emit(imp, bin(BinaryOp::Mul), &[x.clone(), slope])?;
+            let neg = emit(imp, bin(BinaryOp::Less), &[x.clone(), c(0.0)])?;
+            emit(imp, Op::Where, &[neg, scaled, x])?
+        }
+        "HardSigmoid" | "HardSwish" => {
+            let (alpha, beta) = if node.op_type == "HardSwish" {
+                (1.0 / 6.0, 0.5)
+            } else {
+                (
+                    attr_float(node, "alpha", 0.2),
+                    attr_float(node, "beta", 0.5),
+                )
+            };
+            let scaled = emit(imp, bin(BinaryOp::Mul), &[x.clone(), c(alpha)])?;
+            let shifted = emit(imp, bin(BinaryOp::Add), &[scaled, c(beta)])?;
+            let low = emit(imp, bin(BinaryOp::Max), &[shifted, c(0.0)])?;
+            let hard = emit(imp, bin(BinaryOp::Min), &[low, c(1.0)])?;
+            if node.op_type == "HardSwish" {
+                emit(imp, bin(BinaryOp::Mul), &[x, hard])?
+            } else {
+                hard
+            }
+        }
+        "Softplus" => {
+            let exp = emit(imp, un(UnaryOp::Exp), &[x])?;
+            let plus = emit(imp, bin(BinaryOp::Add), &[exp, c(1.0)])?;
+            emit(imp, un(UnaryOp::Log), &[plus])?
+        }
+        "Softsign" => {
+            let abs = emit(imp, un(UnaryOp::Abs), std::slice::from_ref(&x))?;
+            let plus = emit(imp, bin(BinaryOp::Add), &[abs, c(1.0)])?;
+            emit(imp, bin(BinaryOp::Div), &[x, plus])?
+        }
+        "ThresholdedRelu" => {
+            let above = emit(
+                imp,
+                bin(BinaryOp::Greater),
+                &[x.clone(), c(attr_float(node, "alpha", 1.0))],
+            )?;
+            emit(imp, Op::Where, &[above, x, c(0.0)])?
+        }
+        // Elu, Selu and Celu: x for x >= 0, else a scaled exponential.
+        kind => {
+            let (alpha, gamma) = match kind {
+                "Selu" => (
+                    attr_float(node, "alpha", 1.673_263_2),
+                    attr_float(node, "gamma", 1.050_701),
+                ),
+                _ => (attr_float(node, "alpha", 1.0), 1.0),
+            };
+            let inner = if kind == "Celu" {
+                emit(imp, bin(BinaryOp::Div), &[x.clone(), c(alpha)])?
+            } else {
+                x.clone()
+            };
+            let exp = emit(imp, un(UnaryOp::Exp), &[inner])?;
+            let minus = emit(imp, bin(BinaryOp::Sub), &[exp, c(1.0)])?;
+            let curve = emit(imp, bin(BinaryOp::Mul), &[minus, c(alpha)])?;
+            let neg = emit(imp, bin(BinaryOp::Less), &[x.clone(), c(0.0)])?;
+            let y = emit(imp, Op::Where, &[neg, curve, x])?;
+            if kind == "Selu" {
+                emit(imp, bin(BinaryOp::Mul), &[y, c(gamma)])?
+            } else {
+                y
+            }
+        }
+    };
+    if half {
+        return Ok(vec![imp.emit(&n, Op::Cast { to: out_dtype }, &[y])?]);
+    }
+    Ok(vec![y])
+}
+
+/// `x / sqrt(mean(x^2 over axes axis..) + eps) * scale`.
+fn rms_norm(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
+    let n = name(node);
+    let both = operands(inputs, 2)?;
+    let (x, scale) = (both[0].clone(), both[1].clone());
+    let ty = imp.ty(&x)?;
+    let eps = attr_float(node, "epsilon", 1e-5);
+    let axis = attr_int(node, "axis", -1);
+    let first = if axis < 0 {
+        axis + ty.rank() as i64
+    } else {
+        axis
+    };
+    if first == ty.rank() as i64 - 1 && imp.ty(&scale)?.rank() <= 1 {
+        return Ok(vec![imp.emit(
+            &n,
+            Op::RmsNorm { eps: F32(eps) },
+            &[x, scale],
+        )?]);
+    }
+    let axes: Vec<i64> = (first..ty.rank() as i64).collect();
+    let squares = imp.emit(
+        &format!("{n}.squares"),
+        Op::Binary(BinaryOp::Mul),
+        &[x.clone(), x.clone()],
+    )?;
+    let mean = imp.emit(
+        &format!("{n}.mean"),
+        Op::Reduce {
+            op: ReduceOp::Mean,
+            axes,
+            keep_dims: true,
+        },
+        &[squares],
+    )?;
+    let shifted = imp.emit(
+        &format!("{n}.eps"),
+        Op::Binary(BinaryOp::Add),
+        &[mean, scalar(ty.dtype, f64::from(eps))],
+    )?;
+    let rms = imp.emit(&format!("{n}.rms"), Op::Unary(UnaryOp::Sqrt), &[shifted])?;
+    let normalized = imp.emit(
+        &format!("{n}.normalized"),
+        Op::Binary(BinaryOp::Div),
+        &[x, rms],
+    )?;
+    Ok(vec![imp.emit(
+        &n,
+        Op::Binary(BinaryOp::Mul),
+        &[normalized, scale],
     )?])
 }

@@ -40,13 +40,21 @@ pub enum UnaryOp {
     Sin,
     /// Cosine.
     Cos,
+    /// Largest integer not above `x`.
+    Floor,
+    /// Smallest integer not below `x`.
+    Ceil,
+    /// Nearest integer, halves to even (ONNX `Round`).
+    Round,
+    /// -1, 0 or 1 (floats and integers; NaN stays NaN).
+    Sign,
     /// Logical not (bool only).
     Not,
 }
 
 impl UnaryOp {
     /// Every unary op.
-    pub const ALL: [UnaryOp; 16] = [
+    pub const ALL: [UnaryOp; 20] = [
         UnaryOp::Neg,
         UnaryOp::Abs,
         UnaryOp::Relu,
@@ -62,6 +70,10 @@ impl UnaryOp {
         UnaryOp::GeluTanh,
         UnaryOp::Sin,
         UnaryOp::Cos,
+        UnaryOp::Floor,
+        UnaryOp::Ceil,
+        UnaryOp::Round,
+        UnaryOp::Sign,
         UnaryOp::Not,
     ];
 
@@ -83,6 +95,10 @@ impl UnaryOp {
             UnaryOp::GeluTanh => "gelu_tanh",
             UnaryOp::Sin => "sin",
             UnaryOp::Cos => "cos",
+            UnaryOp::Floor => "floor",
+            UnaryOp::Ceil => "ceil",
+            UnaryOp::Round => "round",
+            UnaryOp::Sign => "sign",
             UnaryOp::Not => "not",
         }
     }
@@ -94,7 +110,7 @@ impl UnaryOp {
 
     fn accepts(self, dtype: DType) -> bool {
         match self {
-            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => dtype != DType::Bool,
+            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Sign => dtype != DType::Bool,
             UnaryOp::Not => dtype == DType::Bool,
             UnaryOp::Exp
             | UnaryOp::Log
@@ -107,7 +123,10 @@ impl UnaryOp {
             | UnaryOp::Gelu
             | UnaryOp::GeluTanh
             | UnaryOp::Sin
-            | UnaryOp::Cos => dtype.is_float(),
+            | UnaryOp::Cos
+            | UnaryOp::Floor
+            | UnaryOp::Ceil
+            | UnaryOp::Round => dtype.is_float(),
         }
     }
 
@@ -145,6 +164,11 @@ impl UnaryOp {
             }
             UnaryOp::Sin => x.sin(),
             UnaryOp::Cos => x.cos(),
+            UnaryOp::Floor => x.floor(),
+            UnaryOp::Ceil => x.ceil(),
+            UnaryOp::Round => x.round_ties_even(),
+            UnaryOp::Sign if x.is_nan() => x,
+            UnaryOp::Sign => f64::from(i8::from(x > 0.0) - i8::from(x < 0.0)),
             UnaryOp::Not => f64::from(u8::from(x == 0.0)),
         }
     }
@@ -157,7 +181,24 @@ impl UnaryOp {
                 let apply = |v: i64| match self {
                     UnaryOp::Neg => v.wrapping_neg(),
                     UnaryOp::Abs => v.wrapping_abs(),
-                    _ => v.max(0),
+                    UnaryOp::Sign => v.signum(),
+                    UnaryOp::Relu
+                    | UnaryOp::Exp
+                    | UnaryOp::Log
+                    | UnaryOp::Sqrt
+                    | UnaryOp::Reciprocal
+                    | UnaryOp::Erf
+                    | UnaryOp::Tanh
+                    | UnaryOp::Sigmoid
+                    | UnaryOp::Silu
+                    | UnaryOp::Gelu
+                    | UnaryOp::GeluTanh
+                    | UnaryOp::Sin
+                    | UnaryOp::Cos
+                    | UnaryOp::Floor
+                    | UnaryOp::Ceil
+                    | UnaryOp::Round
+                    | UnaryOp::Not => v.max(0),
                 };
                 Tensor::from_i64s(
                     x.dtype(),
@@ -192,6 +233,11 @@ pub enum BinaryOp {
     Div,
     /// `a ^ b`.
     Pow,
+    /// Remainder with the sign of the divisor (Python's `%`; integer division by zero is an
+    /// error).
+    Mod,
+    /// Remainder with the sign of the dividend (C's `fmod`).
+    Rem,
     /// The larger operand (NaN if either is NaN).
     Max,
     /// The smaller operand (NaN if either is NaN).
@@ -216,12 +262,14 @@ pub enum BinaryOp {
 
 impl BinaryOp {
     /// Every binary op.
-    pub const ALL: [BinaryOp; 15] = [
+    pub const ALL: [BinaryOp; 17] = [
         BinaryOp::Add,
         BinaryOp::Sub,
         BinaryOp::Mul,
         BinaryOp::Div,
         BinaryOp::Pow,
+        BinaryOp::Mod,
+        BinaryOp::Rem,
         BinaryOp::Max,
         BinaryOp::Min,
         BinaryOp::Equal,
@@ -242,6 +290,8 @@ impl BinaryOp {
             BinaryOp::Mul => "mul",
             BinaryOp::Div => "div",
             BinaryOp::Pow => "pow",
+            BinaryOp::Mod => "mod",
+            BinaryOp::Rem => "rem",
             BinaryOp::Max => "max",
             BinaryOp::Min => "min",
             BinaryOp::Equal => "equal",
@@ -267,6 +317,8 @@ impl BinaryOp {
             | BinaryOp::Mul
             | BinaryOp::Div
             | BinaryOp::Pow
+            | BinaryOp::Mod
+            | BinaryOp::Rem
             | BinaryOp::Max
             | BinaryOp::Min => BinaryKind::Arithmetic,
             BinaryOp::Equal
@@ -307,6 +359,15 @@ impl BinaryOp {
             BinaryOp::Mul => a * b,
             BinaryOp::Div => a / b,
             BinaryOp::Pow => a.powf(b),
+            BinaryOp::Mod => {
+                let r = a % b;
+                if r != 0.0 && (r < 0.0) != (b < 0.0) {
+                    r + b
+                } else {
+                    r
+                }
+            }
+            BinaryOp::Rem => a % b,
             BinaryOp::Max if a.is_nan() || b.is_nan() => f64::NAN,
             BinaryOp::Max => a.max(b),
             BinaryOp::Min if a.is_nan() || b.is_nan() => f64::NAN,
@@ -330,6 +391,9 @@ impl BinaryOp {
             BinaryOp::Div if b == 0 => return Err("integer division by zero".into()),
             BinaryOp::Div => a.wrapping_div(b),
             BinaryOp::Pow => (a as f64).powf(b as f64) as i64,
+            BinaryOp::Mod | BinaryOp::Rem if b == 0 => return Err("integer modulo by zero".into()),
+            BinaryOp::Mod => a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
+            BinaryOp::Rem => a.wrapping_rem(b),
             BinaryOp::Max => a.max(b),
             BinaryOp::Min => a.min(b),
             BinaryOp::Equal => i64::from(a == b),
@@ -522,6 +586,47 @@ mod tests {
             1e-7,
         );
         assert_close(&unary(UnaryOp::Cos, &[0.0]), &[1.0], 0.0);
+    }
+
+    #[test]
+    fn rounding_and_sign() {
+        assert_eq!(unary(UnaryOp::Floor, &[-1.5, 1.5]), [-2.0, 1.0]);
+        assert_eq!(unary(UnaryOp::Ceil, &[-1.5, 1.5]), [-1.0, 2.0]);
+        assert_eq!(
+            unary(UnaryOp::Round, &[0.5, 1.5, 2.5, -0.5, 2.6]),
+            [0.0, 2.0, 2.0, -0.0, 3.0]
+        );
+        assert_eq!(unary(UnaryOp::Sign, &[-3.0, 0.0, 2.0]), [-1.0, 0.0, 1.0]);
+        let ints = Tensor::i64(&[3], vec![-7, 0, 4]).unwrap();
+        assert_eq!(
+            eval(&Op::Unary(UnaryOp::Sign), &[ints]).unwrap().to_i64s(),
+            [-1, 0, 1]
+        );
+    }
+
+    #[test]
+    fn modulo_follows_the_divisor_or_the_dividend() {
+        let a = Tensor::i64(&[4], vec![7, -7, 7, -7]).unwrap();
+        let b = Tensor::i64(&[4], vec![3, 3, -3, -3]).unwrap();
+        let ev = |op| {
+            eval(&Op::Binary(op), &[a.clone(), b.clone()])
+                .unwrap()
+                .to_i64s()
+        };
+        assert_eq!(ev(BinaryOp::Mod), [1, 2, -2, -1]);
+        assert_eq!(ev(BinaryOp::Rem), [1, -1, 1, -1]);
+        let x = Tensor::f32(&[2], vec![-7.5, 7.5]).unwrap();
+        let y = Tensor::f32(&[2], vec![2.0, -2.0]).unwrap();
+        assert_eq!(
+            f32s(&eval(&Op::Binary(BinaryOp::Mod), &[x.clone(), y.clone()]).unwrap()),
+            [0.5, -0.5]
+        );
+        assert_eq!(
+            f32s(&eval(&Op::Binary(BinaryOp::Rem), &[x, y]).unwrap()),
+            [-1.5, 1.5]
+        );
+        let zero = Tensor::i64(&[1], vec![0]).unwrap();
+        assert!(eval(&Op::Binary(BinaryOp::Mod), &[a, zero]).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod source;
 pub use attention::{Attention, MaskSpec};
 pub use elementwise::{BinaryOp, UnaryOp};
 pub use matmul::Gemm;
-pub use reduce::ReduceOp;
+pub use reduce::{ArgOp, ReduceOp};
 
 use crate::dim::{Dim, Shape};
 use crate::dtype::{DType, Scalar, F32};
@@ -118,6 +118,17 @@ pub enum Op {
         axes: Vec<i64>,
         /// Keep reduced axes as size 1.
         keep_dims: bool,
+    },
+    /// The index of the largest (or smallest) element along one axis, as i64.
+    Arg {
+        /// Largest or smallest.
+        op: ArgOp,
+        /// The axis (negative counts from the end).
+        axis: i64,
+        /// Keep the axis as size 1.
+        keep_dims: bool,
+        /// On ties, the last index instead of the first.
+        select_last: bool,
     },
     /// Softmax along one axis.
     Softmax {
@@ -447,6 +458,7 @@ impl Op {
             Op::Gemm(_) => "gemm",
             Op::Reduce { op, .. } => op.name(),
             Op::Softmax { .. } => "softmax",
+            Op::Arg { op, .. } => op.name(),
             Op::Transpose { .. } => "transpose",
             Op::Reshape { .. } => "reshape",
             Op::Expand { .. } => "expand",
@@ -480,6 +492,7 @@ impl Op {
             | Op::MatMul
             | Op::Reduce { .. }
             | Op::Softmax { .. }
+            | Op::Arg { .. }
             | Op::Transpose { .. }
             | Op::Reshape { .. }
             | Op::Expand { .. }
@@ -514,6 +527,7 @@ impl Op {
             | Op::Gemm(_)
             | Op::Reduce { .. }
             | Op::Softmax { .. }
+            | Op::Arg { .. }
             | Op::Transpose { .. }
             | Op::Concat { .. }
             | Op::Gather { .. }
@@ -547,6 +561,12 @@ impl Op {
                 axes, keep_dims, ..
             } => reduce::reduce_attrs(axes, *keep_dims),
             Op::GatherNd { batch_dims } => vec![("batch_dims", AttrValue::int(*batch_dims as i64))],
+            Op::Arg {
+                axis,
+                keep_dims,
+                select_last,
+                ..
+            } => reduce::arg_attrs(*axis, *keep_dims, *select_last),
             Op::Softmax { axis } | Op::Concat { axis } | Op::Gather { axis } => {
                 vec![("axis", AttrValue::int(*axis))]
             }
@@ -574,6 +594,8 @@ impl Op {
             Op::Unary(op)
         } else if let Some(op) = BinaryOp::from_name(name) {
             Op::Binary(op)
+        } else if let Some(op) = ArgOp::from_name(name) {
+            reduce::parse_arg(op, &mut attrs)?
         } else if let Some(op) = ReduceOp::from_name(name) {
             let (axes, keep_dims) = reduce::parse_reduce_attrs(&mut attrs)?;
             Op::Reduce {
@@ -661,6 +683,9 @@ impl Op {
                 keep_dims,
             } => reduce::infer_reduce(operands, *op, axes, *keep_dims),
             Op::Softmax { axis } => reduce::infer_softmax(operands, *axis),
+            Op::Arg {
+                axis, keep_dims, ..
+            } => reduce::infer_arg(operands, *axis, *keep_dims),
             Op::Transpose { perm } => layout::infer_transpose(operands, perm),
             Op::Reshape { shape } => layout::infer_reshape(operands, shape),
             Op::Expand { shape } => layout::infer_expand(operands, shape),
@@ -698,6 +723,12 @@ impl Op {
             Op::Gemm(gemm) => gemm.eval(operands, ctx),
             Op::Reduce { op, axes, .. } => reduce::eval_reduce(operands[0], *op, axes, ctx),
             Op::Softmax { axis } => reduce::eval_softmax(operands[0], *axis),
+            Op::Arg {
+                op,
+                axis,
+                select_last,
+                ..
+            } => reduce::eval_arg(operands[0], *op, *axis, *select_last, ctx),
             Op::Transpose { perm } => Ok(layout::eval_transpose(operands[0], perm, ctx)),
             Op::Reshape { .. } => operands[0]
                 .reshaped(ctx.out_shape.to_vec())
@@ -769,6 +800,7 @@ impl Op {
             Op::Gemm(gemm) => gemm.flops(operands, out),
             Op::Reduce { .. } => numel(operands[0]),
             Op::Softmax { .. } => 4 * out_numel,
+            Op::Arg { .. } => numel(operands[0]),
             Op::LayerNorm { .. } => 8 * out_numel,
             Op::RmsNorm { .. } => 4 * out_numel,
             Op::Attention(attention) => attention.flops(operands),

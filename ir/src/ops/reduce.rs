@@ -203,6 +203,108 @@ pub(super) fn eval_reduce(
     Ok(Tensor::from_f64s(x.dtype(), ctx.out_shape.to_vec(), out))
 }
 
+/// Which extreme [`super::Op::Arg`] finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgOp {
+    /// Index of the largest element (NaN counts as largest).
+    Max,
+    /// Index of the smallest element (NaN counts as smallest).
+    Min,
+}
+
+impl ArgOp {
+    /// The text name of the op.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArgOp::Max => "arg_max",
+            ArgOp::Min => "arg_min",
+        }
+    }
+
+    /// Parses a text name.
+    pub fn from_name(name: &str) -> Option<ArgOp> {
+        [ArgOp::Max, ArgOp::Min]
+            .into_iter()
+            .find(|op| op.name() == name)
+    }
+}
+
+pub(super) fn arg_attrs(
+    axis: i64,
+    keep_dims: bool,
+    select_last: bool,
+) -> Vec<(&'static str, AttrValue)> {
+    vec![
+        ("axis", AttrValue::int(axis)),
+        ("keep_dims", AttrValue::Bool(keep_dims)),
+        ("select_last", AttrValue::Bool(select_last)),
+    ]
+}
+
+pub(super) fn parse_arg(op: ArgOp, attrs: &mut Attrs) -> Result<super::Op, String> {
+    Ok(super::Op::Arg {
+        op,
+        axis: attrs.int("axis")?,
+        keep_dims: attrs.bool("keep_dims")?,
+        select_last: attrs.bool("select_last")?,
+    })
+}
+
+pub(super) fn infer_arg(
+    operands: &[&TensorType],
+    axis: i64,
+    keep_dims: bool,
+) -> Result<TensorType, String> {
+    expect_arity(operands, 1, 1)?;
+    let x = operands[0];
+    if x.dtype == DType::Bool {
+        return Err(format!("arg_max/arg_min do not accept {x}"));
+    }
+    let axis = normalize_axis(axis, x.rank())?;
+    let dims = x
+        .shape
+        .0
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match (i == axis, keep_dims) {
+            (false, _) => Some(d.clone()),
+            (true, true) => Some(Dim::Const(1)),
+            (true, false) => None,
+        });
+    Ok(TensorType::new(DType::I64, Shape(dims.collect())))
+}
+
+pub(super) fn eval_arg(
+    x: &Tensor,
+    op: ArgOp,
+    axis: i64,
+    select_last: bool,
+    ctx: EvalCtx,
+) -> Result<Tensor, String> {
+    let axis = normalize_axis(axis, x.shape().len())?;
+    if x.shape()[axis] == 0 {
+        return Err("arg_max/arg_min over an empty axis".into());
+    }
+    let values = x.to_f64s();
+    let mut out = Vec::new();
+    for_each_group(x.shape(), &[axis], |base, offsets| {
+        let mut best = 0usize;
+        for (i, &o) in offsets.iter().enumerate().skip(1) {
+            let (v, b) = (values[base + o], values[base + offsets[best]]);
+            let better = match op {
+                ArgOp::Max => v > b || (v.is_nan() && !b.is_nan()),
+                ArgOp::Min => v < b || (v.is_nan() && !b.is_nan()),
+            };
+            if better || (select_last && (v == b || (v.is_nan() && b.is_nan()))) {
+                best = i;
+            }
+        }
+        out.push(best as i64);
+    });
+    Ok(Tensor::from_i64s(DType::I64, ctx.out_shape.to_vec(), out))
+}
+
 pub(super) fn infer_softmax(operands: &[&TensorType], axis: i64) -> Result<TensorType, String> {
     expect_arity(operands, 1, 1)?;
     expect_float("softmax input", operands[0])?;
@@ -338,6 +440,28 @@ mod tests {
             &[ty(DType::F32, &["2"])]
         )
         .is_err());
+    }
+
+    #[test]
+    fn arg_max_and_min_by_hand() {
+        // [[1, 3, 3], [2, 0, -1]]
+        let x = Tensor::f32(&[2, 3], vec![1., 3., 3., 2., 0., -1.]).unwrap();
+        let arg = |op, axis, keep_dims, select_last| {
+            eval(
+                &Op::Arg {
+                    op,
+                    axis,
+                    keep_dims,
+                    select_last,
+                },
+                std::slice::from_ref(&x),
+            )
+            .unwrap()
+        };
+        assert_eq!(arg(ArgOp::Max, 1, false, false).to_i64s(), [1, 0]);
+        assert_eq!(arg(ArgOp::Max, 1, false, true).to_i64s(), [2, 0]);
+        assert_eq!(arg(ArgOp::Min, -1, true, false).shape(), [2, 1]);
+        assert_eq!(arg(ArgOp::Min, 0, false, false).to_i64s(), [0, 1, 1]);
     }
 
     #[test]

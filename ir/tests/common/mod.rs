@@ -1,6 +1,6 @@
 //! A generator of random, valid graphs over every op, shared by the property tests.
 
-use kiln_ir::ops::{Attention, BinaryOp, Gemm, MaskSpec, ReduceOp, UnaryOp};
+use kiln_ir::ops::{ArgOp, Attention, BinaryOp, Gemm, MaskSpec, ReduceOp, UnaryOp};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Scalar, Shape, TensorType, Weight, F32};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -90,7 +90,7 @@ fn constant(graph: &mut Graph, i: usize, a: u16, b: u16) -> Option<NodeId> {
 fn op_for(step: Step, a_ty: &TensorType) -> Op {
     let (kind, _, p, q) = step;
     let rank = a_ty.rank() as i64;
-    match kind % 21 {
+    match kind % 22 {
         0 => Op::Unary(pick(&UnaryOp::ALL, p)),
         1 => Op::Binary(pick(&BinaryOp::ALL, p)),
         2 => Op::Cast {
@@ -183,6 +183,12 @@ fn op_for(step: Step, a_ty: &TensorType) -> Op {
             dtype: pick(&[DType::F32, DType::I64, DType::Bool, DType::F32], p),
             shape: pick(&shapes(), q),
         },
+        20 => Op::Arg {
+            op: if p % 2 == 0 { ArgOp::Max } else { ArgOp::Min },
+            axis: -1,
+            keep_dims: q % 2 == 0,
+            select_last: p % 3 == 0,
+        },
         19 => Op::GatherNd {
             batch_dims: usize::from(q % 3 == 0),
         },
@@ -221,13 +227,13 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
         }
         let wants_bool = |t: &TensorType| t.dtype == DType::Bool;
         let wants_float = |t: &TensorType| t.dtype.is_float();
-        let logic = matches!(kind % 21, 0 | 1 | 17)
+        let logic = matches!(kind % 22, 0 | 1 | 17)
             && (pick(&UnaryOp::ALL, b) == UnaryOp::Not
                 || matches!(
                     pick(&BinaryOp::ALL, b),
                     BinaryOp::And | BinaryOp::Or | BinaryOp::Xor
                 )
-                || kind % 21 == 17);
+                || kind % 22 == 17);
         let first = if logic {
             choose(&graph, &nodes, a, wants_bool)
         } else if c % 4 == 0 {
@@ -242,6 +248,7 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
             Op::Unary(_)
             | Op::Cast { .. }
             | Op::Reduce { .. }
+            | Op::Arg { .. }
             | Op::Softmax { .. }
             | Op::Transpose { .. }
             | Op::Reshape { .. }
