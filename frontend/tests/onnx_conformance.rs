@@ -191,13 +191,15 @@ fn onnx_node_tests() {
             Err(_) => failed.push((name, "panicked".into())),
         }
     }
-    println!(
-        "ONNX node tests: {} passed, {} failed, {} unsupported (of {})",
+    // Written past the test harness's capture so that every test run shows the counts.
+    let summary = format!(
+        "ONNX node tests: {} passed, {} failed, {} unsupported (of {})\n",
         passed.len(),
         failed.len(),
         unsupported.values().sum::<usize>(),
         cases.len()
     );
+    std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes()).unwrap();
     for (name, reason) in &failed {
         println!("  FAIL {name}: {reason}");
     }
