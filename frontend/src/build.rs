@@ -320,6 +320,47 @@ impl Builder {
         self.reshape(name, t, &[batch.clone(), seq.clone(), width.into()])
     }
 
+    /// `[seq, seq]` bool, true where key `j <= query i`.
+    pub fn causal_mask(&mut self, seq: &Dim) -> Result<NodeId> {
+        let positions = self.range("causal.positions", seq.clone())?;
+        let rows = self.reshape("causal.rows", positions, &[seq.clone(), 1usize.into()])?;
+        self.binary("causal.allowed", BinaryOp::LessEqual, positions, rows)
+    }
+
+    /// `softmax(scale(q @ k^T) with mask) @ v` over `[b, h, s, d]` heads, as eager attention
+    /// writes it; nodes are named `{p}.scores`, `{p}.probs`, ...
+    pub fn attention(
+        &mut self,
+        p: &str,
+        [q, k, v]: [NodeId; 3],
+        scale: Scale,
+        mask: Mask,
+    ) -> Result<NodeId> {
+        let k_t = self.transpose(&format!("{p}.k_t"), k, &[0, 1, 3, 2])?;
+        let scores = self.op(&format!("{p}.scores"), Op::MatMul, &[q, k_t])?;
+        let scaled = match scale {
+            Scale::DivideBySqrt(head_dim) => {
+                let sqrt_d = self.scalar("sqrt_head_dim", (head_dim as f32).sqrt())?;
+                self.binary(&format!("{p}.scaled"), BinaryOp::Div, scores, sqrt_d)?
+            }
+            Scale::MultiplyByInverseSqrt(head_dim) => {
+                let scaling = self.scalar("attention_scaling", (head_dim as f32).powf(-0.5))?;
+                self.binary(&format!("{p}.scaled"), BinaryOp::Mul, scores, scaling)?
+            }
+        };
+        let masked = match mask {
+            Mask::Additive(bias) => {
+                self.binary(&format!("{p}.masked"), BinaryOp::Add, scaled, bias)?
+            }
+            Mask::Keep(keep) => {
+                let min = self.scalar("f32_min", f32::MIN)?;
+                self.op(&format!("{p}.masked"), Op::Where, &[keep, scaled, min])?
+            }
+        };
+        let probs = self.op(&format!("{p}.probs"), Op::Softmax { axis: -1 }, &[masked])?;
+        self.op(&format!("{p}.context"), Op::MatMul, &[probs, v])
+    }
+
     pub fn output(&mut self, name: &str, node: NodeId) -> Result<()> {
         self.graph.add_output(name, node).map_err(|e| self.wrap(e))
     }
@@ -331,6 +372,23 @@ impl Builder {
     pub fn finish(self) -> Graph {
         self.graph
     }
+}
+
+/// How a template scales attention scores, as its reference implementation does (the two differ
+/// in the last bit).
+pub(crate) enum Scale {
+    /// `scores / sqrt(head_dim)`.
+    DivideBySqrt(usize),
+    /// `scores * head_dim^-0.5`.
+    MultiplyByInverseSqrt(usize),
+}
+
+/// How a template masks attention scores.
+pub(crate) enum Mask {
+    /// Added to the scaled scores (transformers' extended attention mask).
+    Additive(NodeId),
+    /// True keeps a score; the rest become `f32::MIN`.
+    Keep(NodeId),
 }
 
 /// Reads an integer from a JSON config, with an error naming the key.

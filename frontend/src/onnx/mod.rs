@@ -95,15 +95,24 @@ pub fn read_tensor_proto(bytes: &[u8]) -> std::result::Result<Tensor, String> {
     )?)
 }
 
-/// The names of a model's graph inputs (initializers excluded), in order.
-pub fn input_names(path: &Path) -> Result<Vec<String>> {
+/// Parses the model file.
+fn read_model(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(|e| FrontendError::new(path, e.to_string()))?;
-    let model = ModelProto::parse_from_bytes(&bytes)
-        .map_err(|e| FrontendError::new(path, format!("not a valid ONNX model: {e}")))?;
-    let graph = model
+    ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| FrontendError::new(path, format!("not a valid ONNX model: {e}")))
+}
+
+fn graph_of<'m>(model: &'m ModelProto, path: &Path) -> Result<&'m onnx_protobuf::GraphProto> {
+    model
         .graph
         .as_ref()
-        .ok_or_else(|| FrontendError::new(path, "the model has no graph"))?;
+        .ok_or_else(|| FrontendError::new(path, "the model has no graph"))
+}
+
+/// The names of a model's graph inputs (initializers excluded), in order.
+pub fn input_names(path: &Path) -> Result<Vec<String>> {
+    let model = read_model(path)?;
+    let graph = graph_of(&model, path)?;
     let initializers: std::collections::HashSet<&str> =
         graph.initializer.iter().map(|i| i.name.as_str()).collect();
     Ok(graph
@@ -125,13 +134,8 @@ pub struct Coverage {
 
 /// The op coverage of an ONNX model.
 pub fn coverage(path: &Path) -> Result<Coverage> {
-    let bytes = std::fs::read(path).map_err(|e| FrontendError::new(path, e.to_string()))?;
-    let model = ModelProto::parse_from_bytes(&bytes)
-        .map_err(|e| FrontendError::new(path, format!("not a valid ONNX model: {e}")))?;
-    let graph = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| FrontendError::new(path, "the model has no graph"))?;
+    let model = read_model(path)?;
+    let graph = graph_of(&model, path)?;
     let opset = model
         .opset_import
         .iter()
@@ -165,10 +169,7 @@ pub fn load_with_constants(
     constants: &HashMap<String, Tensor>,
 ) -> Result<Graph> {
     let err = |message: String| FrontendError::new(path, message);
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let model = ModelProto::parse_from_bytes(&bytes)
-        .map_err(|e| err(format!("not a valid ONNX model: {e}")))?;
-    drop(bytes);
+    let model = read_model(path)?;
     let opset = model
         .opset_import
         .iter()
@@ -178,10 +179,7 @@ pub fn load_with_constants(
     if opset < MIN_OPSET {
         return Err(err(format!("opset {opset} is not supported: kiln reads opset {MIN_OPSET} and later (re-export the model)")));
     }
-    let graph = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| err("the model has no graph".into()))?;
+    let graph = graph_of(&model, path)?;
     let unsupported = ops::unsupported(&graph.node);
     if !unsupported.is_empty() {
         let lines: Vec<String> = unsupported

@@ -6,7 +6,7 @@
 //! (f32 `[batch, hidden]`).
 
 use super::read_json;
-use crate::build::{config_f64, config_usize, Builder, Result};
+use crate::build::{config_f64, config_usize, Builder, Mask, Result, Scale};
 use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use kiln_ir::{DType, Dim, NodeId, Op};
 use serde_json::Value;
@@ -253,30 +253,11 @@ fn encoder_layer(
         c.heads,
         head_dim,
     )?;
-    let k_t = b.transpose(&format!("{p}.attention.self.key_t"), k, &[0, 1, 3, 2])?;
-    let scores = b.op(&format!("{p}.attention.self.scores"), Op::MatMul, &[q, k_t])?;
-    let sqrt_d = b.scalar("sqrt_head_dim", (head_dim as f32).sqrt())?;
-    let scaled = b.binary(
-        &format!("{p}.attention.self.scaled"),
-        BinaryOp::Div,
-        scores,
-        sqrt_d,
-    )?;
-    let masked = b.binary(
-        &format!("{p}.attention.self.masked"),
-        BinaryOp::Add,
-        scaled,
-        mask_bias,
-    )?;
-    let probs = b.op(
-        &format!("{p}.attention.self.probs"),
-        Op::Softmax { axis: -1 },
-        &[masked],
-    )?;
-    let context = b.op(
-        &format!("{p}.attention.self.context"),
-        Op::MatMul,
-        &[probs, v],
+    let context = b.attention(
+        &format!("{p}.attention.self"),
+        [q, k, v],
+        Scale::DivideBySqrt(head_dim),
+        Mask::Additive(mask_bias),
     )?;
     let context = b.merge_heads(
         &format!("{p}.attention.self.merged"),

@@ -5,7 +5,7 @@
 //! Input `input_ids` (i64 `[batch, seq]`, positions `0..seq`); output `logits`
 //! (f32 `[batch, seq, vocab]`).
 
-use crate::build::{config_usize, Builder, Result};
+use crate::build::{config_usize, Builder, Mask, Result, Scale};
 use crate::FrontendError;
 use kiln_ir::ops::{BinaryOp, UnaryOp};
 use kiln_ir::{DType, Dim, NodeId, Op};
@@ -100,11 +100,7 @@ pub(super) fn build(
     let position_ids = b.range("position_ids", seq.clone())?;
     let positions = b.op("wpe", Op::Gather { axis: 0 }, &[wpe, position_ids])?;
     let mut x = b.binary("embeddings", BinaryOp::Add, tokens, positions)?;
-    let causal = {
-        let positions = b.range("causal.positions", seq.clone())?;
-        let rows = b.reshape("causal.rows", positions, &[seq.clone(), 1usize.into()])?;
-        b.binary("causal.allowed", BinaryOp::LessEqual, positions, rows)?
-    };
+    let causal = b.causal_mask(&seq)?;
     for layer in 0..c.layers {
         x = block(b, &c, &format!("{p}h.{layer}"), x, causal, &batch, &seq)?;
     }
@@ -159,22 +155,12 @@ fn block(
             head_dim,
         )?);
     }
-    let k_t = b.transpose(&format!("{p}.attn.k_t"), parts[1], &[0, 1, 3, 2])?;
-    let scores = b.op(&format!("{p}.attn.scores"), Op::MatMul, &[parts[0], k_t])?;
-    let sqrt_d = b.scalar("sqrt_head_dim", (head_dim as f32).sqrt())?;
-    let scaled = b.binary(&format!("{p}.attn.scaled"), BinaryOp::Div, scores, sqrt_d)?;
-    let min = b.scalar("f32_min", f32::MIN)?;
-    let masked = b.op(
-        &format!("{p}.attn.masked"),
-        Op::Where,
-        &[causal, scaled, min],
+    let context = b.attention(
+        &format!("{p}.attn"),
+        [parts[0], parts[1], parts[2]],
+        Scale::DivideBySqrt(head_dim),
+        Mask::Keep(causal),
     )?;
-    let probs = b.op(
-        &format!("{p}.attn.probs"),
-        Op::Softmax { axis: -1 },
-        &[masked],
-    )?;
-    let context = b.op(&format!("{p}.attn.context"), Op::MatMul, &[probs, parts[2]])?;
     let context = b.merge_heads(&format!("{p}.attn.merged"), context, batch, seq, c.hidden)?;
     let attended = conv1d(
         b,

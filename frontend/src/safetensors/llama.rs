@@ -5,7 +5,7 @@
 //! Input `input_ids` (i64 `[batch, seq]`, positions `0..seq`); output `logits`
 //! (f32 `[batch, seq, vocab]`), or `last_hidden_state` for `LlamaModel`.
 
-use crate::build::{config_f64, config_usize, Builder, Result};
+use crate::build::{config_f64, config_usize, Builder, Mask, Result, Scale};
 use crate::FrontendError;
 use kiln_ir::ops::{BinaryOp, UnaryOp};
 use kiln_ir::{DType, Dim, NodeId, Op, F32};
@@ -150,7 +150,7 @@ pub(crate) fn build_decoder(
     let table = b.weight_with_dims(&names.embed, &[c.vocab, c.hidden])?;
     let mut x = b.op("embed_tokens", Op::Gather { axis: 0 }, &[table, input_ids])?;
     let rotary = Rotary::build(b, c, &seq)?;
-    let causal = causal_mask(b, &seq)?;
+    let causal = b.causal_mask(&seq)?;
     for layer in 0..c.layers {
         x = decoder_layer(b, c, names, layer, x, &rotary, causal, &batch, &seq)?;
     }
@@ -227,13 +227,6 @@ impl Rotary {
     }
 }
 
-/// `[seq, seq]` bool, true where key `j <= query i`.
-fn causal_mask(b: &mut Builder, seq: &Dim) -> Result<NodeId> {
-    let positions = b.range("causal.positions", seq.clone())?;
-    let rows = b.reshape("causal.rows", positions, &[seq.clone(), 1usize.into()])?;
-    b.binary("causal.allowed", BinaryOp::LessEqual, positions, rows)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn decoder_layer(
     b: &mut Builder,
@@ -304,27 +297,12 @@ fn decoder_layer(
     let k = rotary.apply(b, &format!("{p}.self_attn.k_rope"), k, c.head_dim)?;
     let k = repeat_kv(b, &format!("{p}.self_attn.k_repeat"), k, c, batch, seq)?;
     let v = repeat_kv(b, &format!("{p}.self_attn.v_repeat"), v, c, batch, seq)?;
-    let k_t = b.transpose(&format!("{p}.self_attn.k_t"), k, &[0, 1, 3, 2])?;
-    let scores = b.op(&format!("{p}.self_attn.scores"), Op::MatMul, &[q, k_t])?;
-    let scaling = b.scalar("attention_scaling", (c.head_dim as f32).powf(-0.5))?;
-    let scaled = b.binary(
-        &format!("{p}.self_attn.scaled"),
-        BinaryOp::Mul,
-        scores,
-        scaling,
+    let context = b.attention(
+        &format!("{p}.self_attn"),
+        [q, k, v],
+        Scale::MultiplyByInverseSqrt(c.head_dim),
+        Mask::Keep(causal),
     )?;
-    let min = b.scalar("f32_min", f32::MIN)?;
-    let masked = b.op(
-        &format!("{p}.self_attn.masked"),
-        Op::Where,
-        &[causal, scaled, min],
-    )?;
-    let probs = b.op(
-        &format!("{p}.self_attn.probs"),
-        Op::Softmax { axis: -1 },
-        &[masked],
-    )?;
-    let context = b.op(&format!("{p}.self_attn.context"), Op::MatMul, &[probs, v])?;
     let context = b.merge_heads(
         &format!("{p}.self_attn.merged"),
         context,
