@@ -117,9 +117,7 @@ impl Dim {
                 if divisor == 0 {
                     return Err(DimError::DivByZero(self.to_string()));
                 }
-                a.eval(bindings)?
-                    .checked_div_euclid(divisor)
-                    .ok_or_else(overflow)
+                floor_div(a.eval(bindings)?, divisor).ok_or_else(overflow)
             }
         }
     }
@@ -206,7 +204,10 @@ impl Add for Dim {
     fn add(self, rhs: Dim) -> Dim {
         let (a, b) = (self, rhs);
         match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if x.checked_add(y).is_some() => Dim::Const(x + y),
+            (Dim::Const(x), Dim::Const(y)) => match x.checked_add(y) {
+                Some(v) => Dim::Const(v),
+                None => Dim::Add(Box::new(Dim::Const(x)), Box::new(Dim::Const(y))),
+            },
             (a, Dim::Const(0)) | (Dim::Const(0), a) => a,
             (Dim::Const(c), a) => Dim::add(a, Dim::Const(c)),
             (Dim::Add(a, c1), Dim::Const(c2)) if matches!(*c1, Dim::Const(_)) => {
@@ -239,7 +240,10 @@ impl Mul for Dim {
     fn mul(self, rhs: Dim) -> Dim {
         let (a, b) = (self, rhs);
         match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if x.checked_mul(y).is_some() => Dim::Const(x * y),
+            (Dim::Const(x), Dim::Const(y)) => match x.checked_mul(y) {
+                Some(v) => Dim::Const(v),
+                None => Dim::Mul(Box::new(Dim::Const(x)), Box::new(Dim::Const(y))),
+            },
             (Dim::Const(0), _) | (_, Dim::Const(0)) => Dim::Const(0),
             (a, Dim::Const(1)) | (Dim::Const(1), a) => a,
             (Dim::Const(c), a) => Dim::mul(a, Dim::Const(c)),
@@ -258,11 +262,11 @@ impl Div for Dim {
     fn div(self, rhs: Dim) -> Dim {
         let (a, b) = (self, rhs);
         match (a, b) {
-            (Dim::Const(x), Dim::Const(y)) if y != 0 && x.checked_div(y).is_some() => {
-                Dim::Const(x.div_euclid(y))
+            (Dim::Const(x), Dim::Const(y)) if floor_div(x, y).is_some() => {
+                Dim::Const(floor_div(x, y).unwrap_or(0))
             }
             (a, Dim::Const(1)) => a,
-            (Dim::Mul(a, c), Dim::Const(d)) if matches!(*c, Dim::Const(k) if d != 0 && k % d == 0) =>
+            (Dim::Mul(a, c), Dim::Const(d)) if matches!(*c, Dim::Const(k) if d > 0 && k.checked_rem(d) == Some(0)) =>
             {
                 let k = c.as_const().unwrap_or(1);
                 Dim::mul(*a, Dim::Const(k / d))
@@ -296,6 +300,17 @@ impl fmt::Display for Dim {
             write!(f, "{b}")
         }
     }
+}
+
+/// `x / y` rounded toward negative infinity; `None` on division by zero or overflow.
+fn floor_div(x: i64, y: i64) -> Option<i64> {
+    let q = x.checked_div(y)?;
+    let r = x.checked_rem(y)?;
+    Some(if r != 0 && ((r < 0) != (y < 0)) {
+        q - 1
+    } else {
+        q
+    })
 }
 
 /// A polynomial over symbols with integer coefficients: monomial (sorted atom names) to
@@ -431,6 +446,25 @@ mod tests {
         );
         assert_eq!(Dim::sub(s("seq"), s("seq")), Dim::Const(0));
         assert_eq!(Dim::div(Dim::Const(-7), Dim::Const(2)), Dim::Const(-4));
+        assert_eq!(Dim::div(Dim::Const(7), Dim::Const(-2)), Dim::Const(-4));
+    }
+
+    #[test]
+    fn overflowing_constants_stay_unfolded() {
+        // Regression (from review): folding must not recurse when the constant result overflows.
+        let big = Dim::add(Dim::Const(i64::MAX), Dim::Const(1));
+        assert_eq!(big.to_string(), "9223372036854775807+1");
+        assert!(big.eval(&HashMap::new()).is_err());
+        let huge = Dim::mul(Dim::Const(1 << 32), Dim::Const(1 << 32));
+        assert_eq!(huge.as_const(), None);
+        assert_eq!(
+            Dim::div(
+                Dim::mul(Dim::sym("s"), Dim::Const(i64::MIN)),
+                Dim::Const(-1)
+            )
+            .to_string(),
+            "s*(-9223372036854775808)/(-1)"
+        );
     }
 
     #[test]

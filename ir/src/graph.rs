@@ -227,7 +227,7 @@ impl Graph {
         Ok(())
     }
 
-    fn check_symbols(&self, node: &str, op: &Op, ty: &TensorType) -> Result<(), GraphError> {
+    fn check_type(&self, node: &str, op: &Op, ty: &TensorType) -> Result<(), GraphError> {
         let declared: HashSet<&str> = self.symbols.iter().map(|s| s.name.as_str()).collect();
         let mut missing = None;
         let mut visit = |s: &str| {
@@ -240,13 +240,21 @@ impl Graph {
             .iter()
             .for_each(|d| d.for_each_symbol(&mut visit));
         op.for_each_dim(|d| d.for_each_symbol(&mut visit));
-        match missing {
-            None => Ok(()),
-            Some(symbol) => Err(node_error(
+        if let Some(symbol) = missing {
+            return Err(node_error(
                 node,
                 op,
                 format!("symbol `{symbol}` is not declared"),
-            )),
+            ));
+        }
+        match ty
+            .shape
+            .0
+            .iter()
+            .find(|d| d.as_const().is_some_and(|v| v < 0))
+        {
+            Some(bad) => Err(node_error(node, op, format!("negative dim {bad} in {ty}"))),
+            None => Ok(()),
         }
     }
 
@@ -263,7 +271,7 @@ impl Graph {
     /// Adds a graph input of the given type.
     pub fn add_input(&mut self, name: &str, ty: TensorType) -> Result<NodeId, GraphError> {
         self.check_new_name(name)?;
-        self.check_symbols(name, &Op::Input, &ty)?;
+        self.check_type(name, &Op::Input, &ty)?;
         let id = self.insert(
             Node {
                 name: name.to_string(),
@@ -343,7 +351,7 @@ impl Graph {
                 format!("declared type {ty} differs from the inferred {inferred}"),
             ));
         }
-        self.check_symbols(name, &op, &ty)?;
+        self.check_type(name, &op, &ty)?;
         Ok(self.insert(
             Node {
                 name: name.to_string(),

@@ -8,6 +8,19 @@ use crate::tensor::Tensor;
 use crate::Dim;
 use std::collections::HashMap;
 
+/// The most elements one tensor may have: the interpreter holds values as f64, so this bounds
+/// one intermediate at 16 GiB.
+pub const MAX_ELEMENTS: usize = 1 << 31;
+
+fn check_size(dims: &[usize]) -> Result<(), String> {
+    match dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(()),
+        _ => Err(format!(
+            "a tensor of dims {dims:?} exceeds the interpreter's limit of {MAX_ELEMENTS} elements"
+        )),
+    }
+}
+
 /// Why a run failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InterpError {
@@ -77,6 +90,7 @@ pub fn bind_symbols(
         if tensor.shape().len() != node.ty.rank() {
             return Err(fail("rank differs".into()));
         }
+        check_size(tensor.shape()).map_err(fail)?;
         for (axis, (dim, &actual)) in node.ty.shape.0.iter().zip(tensor.shape()).enumerate() {
             let actual = actual as i64;
             match dim {

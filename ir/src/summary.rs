@@ -38,8 +38,10 @@ impl Summary {
             *summary.op_histogram.entry(node.op.name()).or_default() += 1;
             if let Op::Constant { weight } = &node.op {
                 if let Some(w) = graph.weights().get(weight) {
-                    summary.parameters += w.numel() as u64;
-                    summary.weight_bytes += (w.numel() * w.dtype.size_bytes()) as u64;
+                    summary.parameters = summary.parameters.saturating_add(w.numel() as u64);
+                    summary.weight_bytes = summary.weight_bytes.saturating_add(
+                        (w.numel() as u64).saturating_mul(w.dtype.size_bytes() as u64),
+                    );
                 }
             }
             let out = node.ty.shape.eval(&bound)?;

@@ -91,7 +91,9 @@ impl Weight {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .fold(1usize, |acc, &d| acc.saturating_mul(d))
     }
 
     /// The bytes, if the text and JSON forms write this weight's values inline: it has at most

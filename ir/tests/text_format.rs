@@ -120,6 +120,29 @@ fn missing_weights_file_is_named() {
 }
 
 #[test]
+fn extreme_integers_round_trip_and_long_chains_are_refused() {
+    let src = "graph \"g\" {\n  input %x : f32[4]\n  %y = slice(%x) {axis = 0, start = -9223372036854775808, end = 9223372036854775807, step = 1} : f32[4]\n  output \"y\" = %y\n}\n";
+    assert_eq!(print(&parse(src).unwrap()), src);
+    let chain = format!(
+        "graph \"g\" {{\n  input %x : f32[1{}]\n  output \"x\" = %x\n}}",
+        "+1".repeat(100_000)
+    );
+    assert!(parse(&chain)
+        .unwrap_err()
+        .message
+        .contains("more than 256 operators"));
+    let negative = "graph \"g\" {\n  input %x : f32[-1]\n  output \"x\" = %x\n}";
+    assert!(
+        parse(negative)
+            .unwrap_err()
+            .message
+            .contains("negative dim"),
+        "{:?}",
+        parse(negative).err()
+    );
+}
+
+#[test]
 fn deeply_nested_input_is_an_error_not_a_stack_overflow() {
     let dims = format!("{}1{}", "(".repeat(10_000), ")".repeat(10_000));
     let src = format!("graph \"g\" {{\n  input %x : f32[{dims}]\n  output \"x\" = %x\n}}");

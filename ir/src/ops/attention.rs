@@ -179,6 +179,7 @@ impl Attention {
 
     pub(super) fn infer(&self, operands: &[&TensorType]) -> Result<TensorType, String> {
         expect_arity(operands, 3, 4)?;
+        self.check_attributes()?;
         let (q, k, v) = (operands[0], operands[1], operands[2]);
         expect_float("attention query", q)?;
         expect_same_dtype(q, k)?;
@@ -214,7 +215,7 @@ impl Attention {
         same(hk, vh, "key and value head counts")?;
         same(sk, vs, "key and value lengths")?;
         if let (Some(h), Some(hk)) = (h.as_const(), hk.as_const()) {
-            if hk == 0 || h % hk != 0 {
+            if hk <= 0 || h.checked_rem(hk) != Some(0) {
                 return Err(format!(
                     "query heads {h} are not a multiple of key/value heads {hk}"
                 ));
@@ -239,6 +240,21 @@ impl Attention {
         ))
     }
 
+    /// The invariants the text parser enforces, checked again for graphs built otherwise (JSON,
+    /// the builder API).
+    fn check_attributes(&self) -> Result<(), String> {
+        let positive = match &self.mask {
+            MaskSpec::Dense | MaskSpec::Causal => true,
+            MaskSpec::SlidingWindow { window } => *window > 0,
+            MaskSpec::GlobalLocal { global, window } => *global > 0 && *window > 0,
+            MaskSpec::BlockSparse { block, .. } => *block > 0,
+        };
+        if !positive || self.tile_q == 0 || self.tile_k == 0 {
+            return Err("attention mask sizes and tile sizes must be positive".into());
+        }
+        Ok(())
+    }
+
     pub(super) fn eval(&self, operands: &[&Tensor], ctx: EvalCtx) -> Result<Tensor, String> {
         let (q, k, v) = (operands[0], operands[1], operands[2]);
         let [b, h, sq, d] = q.shape()[..] else {
@@ -248,6 +264,11 @@ impl Attention {
             unreachable!("rank checked")
         };
         let dv = v.shape()[3];
+        if hk == 0 || h % hk != 0 {
+            return Err(format!(
+                "{h} query heads do not split over {hk} key/value heads"
+            ));
+        }
         let group = h / hk;
         let (qv, kv, vv) = (q.to_f64s(), k.to_f64s(), v.to_f64s());
         let runtime_mask = operands.get(3).map(|m| {
@@ -313,8 +334,12 @@ impl Attention {
     pub(super) fn flops(&self, operands: &[&[usize]]) -> u64 {
         let (q, v) = (operands[0], operands[2]);
         let sk = operands[1].get(2).copied().unwrap_or(0) as u64;
-        let heads_rows: u64 = q[..3].iter().map(|&x| x as u64).product();
-        heads_rows * sk * (2 * q[3] as u64 + 2 * v[3] as u64 + 4)
+        let heads_rows = super::saturating_product(q[..3].iter().map(|&x| x as u64));
+        let per_pair = (q[3] as u64)
+            .saturating_add(v[3] as u64)
+            .saturating_add(2)
+            .saturating_mul(2);
+        super::saturating_product([heads_rows, sk, per_pair])
     }
 }
 

@@ -392,7 +392,15 @@ impl BinaryOp {
             BinaryOp::Div => a.wrapping_div(b),
             BinaryOp::Pow => (a as f64).powf(b as f64) as i64,
             BinaryOp::Mod | BinaryOp::Rem if b == 0 => return Err("integer modulo by zero".into()),
-            BinaryOp::Mod => a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
+            BinaryOp::Mod => {
+                // Opposite signs: |r| < |b|, so the sum cannot overflow.
+                let r = a.wrapping_rem(b);
+                if r != 0 && (r < 0) != (b < 0) {
+                    r + b
+                } else {
+                    r
+                }
+            }
             BinaryOp::Rem => a.wrapping_rem(b),
             BinaryOp::Max => a.max(b),
             BinaryOp::Min => a.min(b),
@@ -615,6 +623,15 @@ mod tests {
         };
         assert_eq!(ev(BinaryOp::Mod), [1, 2, -2, -1]);
         assert_eq!(ev(BinaryOp::Rem), [1, -1, 1, -1]);
+        // Regression (from review): no wrap near the limits.
+        let one = Tensor::i64(&[1], vec![1]).unwrap();
+        let max = Tensor::i64(&[1], vec![i64::MAX]).unwrap();
+        assert_eq!(
+            eval(&Op::Binary(BinaryOp::Mod), &[one, max])
+                .unwrap()
+                .to_i64s(),
+            [1]
+        );
         let x = Tensor::f32(&[2], vec![-7.5, 7.5]).unwrap();
         let y = Tensor::f32(&[2], vec![2.0, -2.0]).unwrap();
         assert_eq!(

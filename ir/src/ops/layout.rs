@@ -121,11 +121,19 @@ pub(super) fn infer_concat(operands: &[&TensorType], axis: i64) -> Result<Tensor
 pub(super) fn eval_concat(operands: &[&Tensor], axis: i64, ctx: EvalCtx) -> Result<Tensor, String> {
     let axis = normalize_axis(axis, ctx.out_shape.len())?;
     let outer: usize = ctx.out_shape[..axis].iter().product();
+    let parts: Vec<(Vec<u8>, usize)> = operands
+        .iter()
+        .map(|x| {
+            (
+                x.to_le_bytes(),
+                x.shape()[axis..].iter().product::<usize>() * x.dtype().size_bytes(),
+            )
+        })
+        .collect();
     let mut bytes = Vec::new();
     for o in 0..outer {
-        for x in operands {
-            let row: usize = x.shape()[axis..].iter().product::<usize>() * x.dtype().size_bytes();
-            bytes.extend_from_slice(&x.to_le_bytes()[o * row..(o + 1) * row]);
+        for (data, row) in &parts {
+            bytes.extend_from_slice(&data[o * row..(o + 1) * row]);
         }
     }
     Tensor::from_le_bytes(operands[0].dtype(), ctx.out_shape.to_vec(), &bytes)
@@ -156,11 +164,18 @@ pub(super) fn parse_slice(attrs: &mut Attrs) -> Result<Op, String> {
 }
 
 /// ONNX Slice on one axis of size `dim` with concrete bounds: negative bounds count from the
-/// end, then clamp. Returns the first index and the element count.
+/// end, then clamp. Returns the first index and the element count (computed in i128, so no step
+/// or bound overflows).
 fn resolve_slice(start: i64, end: i64, step: i64, dim: i64) -> (i64, i64) {
-    let from_end = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+    let (start, end, step, dim) = (
+        i128::from(start),
+        i128::from(end),
+        i128::from(step),
+        i128::from(dim.max(0)),
+    );
+    let from_end = |v: i128| if v < 0 { v + dim } else { v };
     let (start, end) = (from_end(start), from_end(end));
-    if dim == 0 {
+    let (first, len) = if dim == 0 {
         (0, 0)
     } else if step > 0 {
         let (start, end) = (start.clamp(0, dim), end.clamp(0, dim));
@@ -168,7 +183,9 @@ fn resolve_slice(start: i64, end: i64, step: i64, dim: i64) -> (i64, i64) {
     } else {
         let (start, end) = (start.clamp(0, dim - 1), end.clamp(-1, dim - 1));
         (start, ((start - end).max(0) + (-step) - 1) / (-step))
-    }
+    };
+    // Both are at most `dim`, which came from an i64.
+    (first as i64, len as i64)
 }
 
 pub(super) fn infer_slice(
@@ -311,8 +328,10 @@ pub(super) fn infer_gather_nd(
     let tuple = indices.shape.0[indices.rank() - 1]
         .as_const()
         .ok_or_else(|| format!("gather_nd needs a constant index length, got {indices}"))?;
-    let tuple = usize::try_from(tuple).unwrap_or(usize::MAX);
-    if batch_dims >= indices.rank() || batch_dims + tuple > data.rank() || tuple == 0 {
+    let tuple = usize::try_from(tuple)
+        .map_err(|_| format!("gather_nd index length {tuple} is negative"))?;
+    if batch_dims >= indices.rank() || batch_dims.saturating_add(tuple) > data.rank() || tuple == 0
+    {
         return Err(format!("gather_nd of {data} with indices {indices} and batch_dims {batch_dims} is out of range"));
     }
     for axis in 0..batch_dims {

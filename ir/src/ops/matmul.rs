@@ -226,10 +226,10 @@ impl Gemm {
     pub(super) fn flops(&self, operands: &[&[usize]], out: &[usize]) -> u64 {
         let b = operands[1];
         let k = if self.trans_b { b[1] } else { b[0] } as u64;
-        let out_numel: u64 = out.iter().map(|&d| d as u64).product();
+        let out_numel = super::saturating_product(out.iter().map(|&d| d as u64));
         let epilogue =
             u64::from(self.bias) + u64::from(self.activation.is_some()) + u64::from(self.residual);
-        out_numel * (2 * k + epilogue)
+        out_numel.saturating_mul(k.saturating_mul(2).saturating_add(epilogue))
     }
 }
 

@@ -777,7 +777,7 @@ impl Op {
     /// Floating-point operations to evaluate the op on operands and output of these dims
     /// (multiply-add counts as two; transcendental functions as one).
     pub fn flops(&self, operands: &[&[usize]], out: &[usize]) -> u64 {
-        let numel = |dims: &[usize]| dims.iter().map(|&d| d as u64).product::<u64>();
+        let numel = |dims: &[usize]| saturating_product(dims.iter().map(|&d| d as u64));
         let out_numel = numel(out);
         match self {
             Op::Input
@@ -795,18 +795,23 @@ impl Op {
             Op::Unary(_) | Op::Binary(_) | Op::Where => out_numel,
             Op::MatMul => {
                 let k = operands[0].last().copied().unwrap_or(1) as u64;
-                2 * out_numel * k
+                out_numel.saturating_mul(k).saturating_mul(2)
             }
             Op::Gemm(gemm) => gemm.flops(operands, out),
             Op::Reduce { .. } => numel(operands[0]),
-            Op::Softmax { .. } => 4 * out_numel,
+            Op::Softmax { .. } => out_numel.saturating_mul(4),
             Op::Arg { .. } => numel(operands[0]),
-            Op::LayerNorm { .. } => 8 * out_numel,
-            Op::RmsNorm { .. } => 4 * out_numel,
+            Op::LayerNorm { .. } => out_numel.saturating_mul(8),
+            Op::RmsNorm { .. } => out_numel.saturating_mul(4),
             Op::Attention(attention) => attention.flops(operands),
-            Op::Rope { .. } => 6 * out_numel,
+            Op::Rope { .. } => out_numel.saturating_mul(6),
         }
     }
+}
+
+/// The product of `values`, saturating at `u64::MAX` (FLOP counts of absurd dims).
+pub(crate) fn saturating_product(values: impl IntoIterator<Item = u64>) -> u64 {
+    values.into_iter().fold(1u64, u64::saturating_mul)
 }
 
 /// Checks the operand count is within `min..=max`.

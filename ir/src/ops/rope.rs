@@ -61,6 +61,9 @@ pub(super) fn eval_rope(
     let positions = super::elementwise::broadcast_to(operands[1], &[b, s]).to_i64s();
     let values = x.to_f64s();
     let mut out = values.clone();
+    if d % 2 != 0 {
+        return Err(format!("rope head_dim must be even, got {d}"));
+    }
     let half = d / 2;
     let theta = f64::from(theta.0);
     for bi in 0..b {

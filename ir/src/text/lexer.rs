@@ -6,8 +6,8 @@ use super::parser::ParseError;
 pub(super) enum Tok {
     /// `[A-Za-z_][A-Za-z0-9_]*`
     Ident(String),
-    /// A decimal integer.
-    Int(i64),
+    /// A decimal integer (unsigned: a leading `-` is its own token, and `-2^63` must lex).
+    Int(u64),
     /// A decimal number with a fraction or exponent, as written.
     Float(String),
     /// `0x` followed by hex digits.
@@ -247,7 +247,7 @@ fn number(cur: &mut Cursor, line: usize, col: usize) -> Result<Tok, ParseError> 
     if is_float {
         Ok(Tok::Float(text))
     } else {
-        text.parse::<i64>().map(Tok::Int).map_err(|_| {
+        text.parse::<u64>().map(Tok::Int).map_err(|_| {
             ParseError::new(line, col, format!("integer `{text}` does not fit in i64"))
         })
     }

@@ -85,12 +85,16 @@ pub fn parse_file(path: &Path) -> Result<Graph, LoadError> {
 /// Deepest nesting of parentheses and lists accepted, so hostile input cannot overflow the stack.
 const MAX_DEPTH: usize = 64;
 
+/// Most operators one dim expression may have.
+const MAX_DIM_OPERATORS: usize = 256;
+
 struct Parser<'a> {
     tokens: Vec<Token>,
     pos: usize,
     base_dir: Option<&'a Path>,
     loaded: Option<BTreeMap<String, Weight>>,
     graph: Graph,
+    dim_operators: usize,
 }
 
 impl<'a> Parser<'a> {
@@ -101,6 +105,7 @@ impl<'a> Parser<'a> {
             base_dir,
             loaded: None,
             graph: Graph::default(),
+            dim_operators: 0,
         })
     }
 
@@ -220,6 +225,9 @@ impl<'a> Parser<'a> {
         let Tok::Int(max) = max_token.tok else {
             return Err(Self::unexpected(&max_token, "an integer maximum"));
         };
+        let max = i64::try_from(max).map_err(|_| {
+            Self::error_at(&max_token, format!("maximum {max} does not fit in i64"))
+        })?;
         self.graph
             .declare_symbol(&name, max)
             .map_err(|e| Self::error_at(&token, e.to_string()))
@@ -475,6 +483,9 @@ impl<'a> Parser<'a> {
 
     /// `term (('+' | '-') term)*`, left-associative, building the tree exactly as written.
     fn dim(&mut self, depth: usize) -> Result<Dim, ParseError> {
+        if depth == 0 {
+            self.dim_operators = 0;
+        }
         let mut lhs = self.dim_term(depth)?;
         loop {
             let build: fn(Box<Dim>, Box<Dim>) -> Dim = match self.peek().tok {
@@ -483,6 +494,7 @@ impl<'a> Parser<'a> {
                 _ => return Ok(lhs),
             };
             self.next();
+            self.count_dim_operator()?;
             let rhs = self.dim_term(depth)?;
             lhs = build(Box::new(lhs), Box::new(rhs));
         }
@@ -497,19 +509,36 @@ impl<'a> Parser<'a> {
                 _ => return Ok(lhs),
             };
             self.next();
+            self.count_dim_operator()?;
             let rhs = self.dim_atom(depth)?;
             lhs = build(Box::new(lhs), Box::new(rhs));
         }
     }
 
+    /// Bounds the size of one dim expression, whose trees every later pass walks recursively.
+    fn count_dim_operator(&mut self) -> Result<(), ParseError> {
+        self.dim_operators += 1;
+        if self.dim_operators > MAX_DIM_OPERATORS {
+            return Err(Self::error_at(
+                self.peek(),
+                format!("dim expression has more than {MAX_DIM_OPERATORS} operators"),
+            ));
+        }
+        Ok(())
+    }
+
     fn dim_atom(&mut self, depth: usize) -> Result<Dim, ParseError> {
         let token = self.next();
         match &token.tok {
-            Tok::Int(v) => Ok(Dim::Const(*v)),
+            Tok::Int(v) => i64::try_from(*v)
+                .map(Dim::Const)
+                .map_err(|_| Self::error_at(&token, format!("integer `{v}` does not fit in i64"))),
             Tok::Punct('-') => {
                 let next = self.next();
                 match next.tok {
-                    Tok::Int(v) => Ok(Dim::Const(-v)),
+                    Tok::Int(v) => 0i64.checked_sub_unsigned(v).map(Dim::Const).ok_or_else(|| {
+                        Self::error_at(&next, format!("integer `-{v}` does not fit in i64"))
+                    }),
                     _ => Err(Self::unexpected(&next, "an integer after `-`")),
                 }
             }
@@ -613,9 +642,15 @@ impl<'a> Parser<'a> {
                     self.expect_punct(')')?;
                     Ok(AttrValue::Call(word.clone(), args))
                 }
-                _ => Ok(AttrValue::Dim(self.dim(depth)?)),
+                _ => {
+                    self.dim_operators = 0;
+                    Ok(AttrValue::Dim(self.dim(depth)?))
+                }
             },
-            _ => Ok(AttrValue::Dim(self.dim(depth)?)),
+            _ => {
+                self.dim_operators = 0;
+                Ok(AttrValue::Dim(self.dim(depth)?))
+            }
         }
     }
 }
