@@ -391,17 +391,21 @@ pub(crate) enum Mask {
     Keep(NodeId),
 }
 
+/// The largest size a config may give (widths, counts, vocabularies): every product of two of
+/// them still fits in 64 bits, and a lying file cannot make a template allocate without bound.
+pub(crate) const MAX_HYPERPARAMETER: usize = 1 << 24;
+
 /// Reads an integer from a JSON config, with an error naming the key.
 pub(crate) fn config_usize(config: &serde_json::Value, key: &str, path: &Path) -> Result<usize> {
     config
         .get(key)
         .and_then(serde_json::Value::as_u64)
         .and_then(|v| usize::try_from(v).ok())
-        .filter(|&v| v > 0)
+        .filter(|&v| v > 0 && v <= MAX_HYPERPARAMETER)
         .ok_or_else(|| {
             FrontendError::new(
                 path,
-                format!("`{key}` is missing or not a positive integer"),
+                format!("`{key}` is missing or not an integer in 1..={MAX_HYPERPARAMETER}"),
             )
         })
 }

@@ -315,3 +315,66 @@ fn weight_only_quantized_exports_dequantize() {
     // Column sums of (q - z) * s: (-128 + 2) * 1, (-1 - 1 + 127 - 1) * 0.5, (0 + 10) * 0.25, (1 + 1 - 10 + 1) * 2.
     assert_eq!(out[0].1.to_f64s(), [-126.0, 62.0, 2.5, -14.0]);
 }
+
+fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
+    tensor(
+        name,
+        7,
+        dims,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
+#[test]
+fn review_regressions_fold_correctly_and_never_allocate_what_a_file_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Range with a negative step of -2: ONNX gives [6, 4, 2].
+    let range = model(
+        17,
+        vec![node("Range", "r", &["start", "limit", "delta"], &["y"])],
+        vec![],
+        vec![value_info("y", 7, &[3])],
+        vec![
+            i64_tensor("start", &[], &[6]),
+            i64_tensor("limit", &[], &[0]),
+            i64_tensor("delta", &[], &[-2]),
+        ],
+    );
+    let graph = load(&write(d, "range.onnx", &range), &InputShapes::new()).unwrap();
+    let out = interp::run(&graph, &HashMap::new()).unwrap();
+    assert_eq!(out[0].1.to_i64s(), [6, 4, 2]);
+    // A constant of 10^15 elements is a `fill` node, not an allocation at import.
+    let huge = model(
+        17,
+        vec![node("ConstantOfShape", "c", &["shape"], &["y"])],
+        vec![],
+        vec![value_info("y", F32, &[100000, 100000, 100000])],
+        vec![i64_tensor("shape", &[3], &[100000, 100000, 100000])],
+    );
+    let graph = load(&write(d, "huge.onnx", &huge), &InputShapes::new()).unwrap();
+    let error = interp::run(&graph, &HashMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("exceeds the interpreter's limit"), "{error}");
+    // Degenerate nodes are errors, not panics.
+    let empty_concat = model(
+        17,
+        vec![node("Concat", "c", &[], &["y"])],
+        vec![],
+        vec![value_info("y", F32, &[1])],
+        vec![],
+    );
+    assert!(error_of(&write(d, "concat.onnx", &empty_concat))
+        .contains("Concat needs at least one input"));
+    let no_inputs = model(
+        17,
+        vec![node("Relu", "r", &[], &["y"])],
+        vec![],
+        vec![value_info("y", F32, &[1])],
+        vec![],
+    );
+    assert!(
+        error_of(&write(d, "relu.onnx", &no_inputs)).contains("expects at least 1 inputs, got 0")
+    );
+}

@@ -176,6 +176,7 @@ pub fn run(
                     .shape
                     .eval(&bindings)
                     .map_err(|e| fail(e.to_string()))?;
+                check_size(&out_shape).map_err(fail)?;
                 let operands: Vec<&Tensor> = operand_ids.iter().map(|o| &values[o]).collect();
                 let result = op
                     .eval(

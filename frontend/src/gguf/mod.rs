@@ -30,8 +30,14 @@ pub enum Value {
     Bool(bool),
     /// A UTF-8 string.
     String(String),
-    /// An array; long arrays of numbers keep only their length.
-    Array(Vec<Value>),
+    /// An array: its length, and its first [`MAX_ARRAY_ITEMS`] elements (the rest are read
+    /// past, not kept, so a long vocabulary costs no memory).
+    Array {
+        /// Number of elements in the file.
+        len: u64,
+        /// The elements kept.
+        head: Vec<Value>,
+    },
 }
 
 impl Value {
@@ -83,6 +89,9 @@ struct Reader<'a> {
 
 /// No real model has more than this many tensors or metadata entries, or dims per tensor.
 const MAX_COUNT: u64 = 1 << 20;
+
+/// Array elements kept per metadata value.
+pub const MAX_ARRAY_ITEMS: usize = 64;
 const MAX_DIMS: u32 = 8;
 
 impl<'a> Reader<'a> {
@@ -164,11 +173,14 @@ impl<'a> Reader<'a> {
                         "{what}: array of {n} elements does not fit in the file"
                     ));
                 }
-                let mut items = Vec::new();
+                let mut head = Vec::new();
                 for _ in 0..n {
-                    items.push(self.value(item_kind, key, depth + 1)?);
+                    let item = self.value(item_kind, key, depth + 1)?;
+                    if head.len() < MAX_ARRAY_ITEMS {
+                        head.push(item);
+                    }
                 }
-                Value::Array(items)
+                Value::Array { len: n, head }
             }
             10 => Value::Uint(self.u64(&what)?),
             11 => Value::Int(i64::from_le_bytes(self.array(&what)?)),
@@ -281,6 +293,19 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
             }
         })
         .collect::<std::result::Result<Vec<_>, String>>()?;
+    // Every tensor owns its bytes: overlapping ranges would let a small file expand into huge
+    // dequantized weights.
+    let mut ranges: Vec<(usize, usize, &str)> = tensors
+        .iter()
+        .map(|t| (t.range.start, t.range.end, t.name.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    if let Some(pair) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(format!(
+            "tensors `{}` and `{}` overlap in the file",
+            pair[0].2, pair[1].2
+        ));
+    }
     Ok((version, metadata, tensors))
 }
 
@@ -302,10 +327,11 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph> {
             .get(&format!("llama.{key}"))
             .and_then(Value::as_u64)
             .and_then(|v| usize::try_from(v).ok())
-            .filter(|&v| v > 0)
+            .filter(|&v| v > 0 && v <= crate::build::MAX_HYPERPARAMETER)
             .ok_or_else(|| {
                 err(format!(
-                    "metadata `llama.{key}` is missing or not a positive integer"
+                    "metadata `llama.{key}` is missing or not an integer in 1..={}",
+                    crate::build::MAX_HYPERPARAMETER
                 ))
             })
     };
@@ -339,7 +365,8 @@ pub fn load(path: &Path, shapes: &InputShapes) -> Result<Graph> {
         vocab: embed.dims[0],
         tied_embeddings: !file.tensors.iter().any(|t| t.name == "output.weight"),
     };
-    if config.head_dim * heads != hidden && file.metadata.contains_key("llama.rope.dimension_count")
+    if config.head_dim.checked_mul(heads) != Some(hidden)
+        && file.metadata.contains_key("llama.rope.dimension_count")
     {
         return Err(err(format!(
             "head_dim {} x {heads} heads differs from the embedding length {hidden}",

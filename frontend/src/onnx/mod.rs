@@ -76,6 +76,8 @@ pub(crate) enum Val {
 pub(crate) struct Importer<'a> {
     b: Builder,
     vals: HashMap<String, Val>,
+    /// The model's directory, where external data lives.
+    dir: std::path::PathBuf,
     /// ONNX `dim_param` names to kiln symbols.
     symbols: HashMap<String, String>,
     weight_dims: HashMap<String, (DType, Vec<usize>)>,
@@ -230,6 +232,7 @@ pub fn load_with_constants(
     let mut importer = Importer {
         b: Builder::new(name, path, weights),
         vals,
+        dir: dir.to_path_buf(),
         symbols: HashMap::new(),
         weight_dims,
         constants: HashMap::new(),
@@ -380,7 +383,18 @@ impl Importer<'_> {
                         .parse::<usize>()
                         .map_or_else(|_| Dim::sym(bound), Dim::from),
                     None => {
-                        let name = symbol_name(&param);
+                        let base = symbol_name(&param);
+                        let taken = |n: &String| self.symbols.values().any(|v| v == n);
+                        let name = (0..)
+                            .map(|i| {
+                                if i == 0 {
+                                    base.clone()
+                                } else {
+                                    format!("{base}_{i}")
+                                }
+                            })
+                            .find(|n| !taken(n))
+                            .unwrap_or(base);
                         self.declare(&name, DEFAULT_MAX)?;
                         self.symbols.insert(param, name.clone());
                         Dim::sym(&name)
@@ -537,10 +551,8 @@ impl Importer<'_> {
         let known: Option<Vec<Tensor>> = inputs.iter().map(|v| self.known(v)).collect();
         if let Some(known) = known {
             let refs: Vec<&Tensor> = known.iter().collect();
-            if let Ok(result) = op.evaluate_fixed(&refs) {
-                if result.numel() <= FOLD_LIMIT {
-                    return Ok(Val::Static(result));
-                }
+            if let Ok(result) = op.evaluate_fixed(&refs, FOLD_LIMIT) {
+                return Ok(Val::Static(result));
             }
         }
         let ids = inputs

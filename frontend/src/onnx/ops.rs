@@ -120,6 +120,17 @@ fn present(inputs: &[Val], i: usize) -> bool {
     !matches!(input(inputs, i), Val::Absent)
 }
 
+/// The longest float `Range` evaluated at import time.
+const MAX_FOLDED_RANGE: usize = 1 << 24;
+
+/// The single value of a known scalar (or one-element) tensor.
+fn first_f64(t: &Tensor) -> Result<f64, String> {
+    t.to_f64s()
+        .first()
+        .copied()
+        .ok_or_else(|| "expected one value, got an empty tensor".to_string())
+}
+
 /// The first `n` inputs, all present.
 fn operands(inputs: &[Val], n: usize) -> Result<&[Val], String> {
     match inputs.get(..n) {
@@ -174,10 +185,12 @@ fn dropout(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         Val::Absent => false,
         v => imp
             .known(v)
-            .map(|t| t.to_bools()[0])
-            .ok_or("`training_mode` must be known at compile time")?,
+            .map(|t| first_f64(&t).map(|v| v != 0.0))
+            .ok_or("`training_mode` must be known at compile time")??,
     };
-    let ratio = imp.known(input(inputs, 1)).map_or(0.5, |t| t.to_f64s()[0]);
+    let ratio = imp
+        .known(input(inputs, 1))
+        .map_or(Ok(0.5), |t| first_f64(&t))?;
     if training && ratio != 0.0 {
         return Err("Dropout in training mode is not supported".into());
     }
@@ -205,8 +218,7 @@ fn constant(imp: &mut Importer, node: &NodeProto, _: &[Val]) -> Outputs {
     let t = match a.name.as_str() {
         "value" => {
             let proto = a.t.as_ref().ok_or("`value` holds no tensor")?;
-            let weight =
-                tensor::weight_of(proto, std::path::Path::new("."), &mut Default::default())?;
+            let weight = tensor::weight_of(proto, &imp.dir, &mut Default::default())?;
             tensor::tensor_of(&weight)?
         }
         "value_float" => Tensor::f32(&[], vec![a.f]).map_err(|e| e.0)?,
@@ -361,9 +373,16 @@ fn concat(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         .filter(|v| !matches!(v, Val::Absent))
         .cloned()
         .collect();
+    if parts.is_empty() {
+        return Err("Concat needs at least one input".into());
+    }
     let ints: Option<Vec<SymInts>> = parts.iter().map(|v| imp.ints(v)).collect();
     if let Some(ints) = ints {
-        if ints.iter().all(|i| i.shape.len() == 1) && (axis == 0 || axis == -1) {
+        let total: usize = ints.iter().map(|i| i.values.len()).sum();
+        if ints.iter().all(|i| i.shape.len() == 1)
+            && (axis == 0 || axis == -1)
+            && total <= super::FOLD_LIMIT
+        {
             let values: Vec<Dim> = ints.iter().flat_map(|i| i.values.iter().cloned()).collect();
             return Ok(vec![Val::Ints(SymInts {
                 dtype: ints[0].dtype,
@@ -469,18 +488,18 @@ fn constant_of_shape(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Ou
     let value = match attr(node, "value").and_then(|a| a.t.as_ref()) {
         Some(proto) => tensor::tensor_of(&tensor::weight_of(
             proto,
-            std::path::Path::new("."),
+            &imp.dir,
             &mut Default::default(),
         )?)?,
         None => Tensor::f32(&[1], vec![0.0]).map_err(|e| e.0)?,
     };
     let dtype = value.dtype();
     let scalar = if dtype.is_float() {
-        Scalar::float(value.to_f64s()[0])
+        Scalar::float(first_f64(&value)?)
     } else if dtype == DType::Bool {
-        Scalar::Bool(value.to_bools()[0])
+        Scalar::Bool(first_f64(&value)? != 0.0)
     } else {
-        Scalar::Int(value.to_i64s()[0])
+        Scalar::Int(*value.to_i64s().first().ok_or("`value` is empty")?)
     };
     Ok(vec![imp.emit(
         &name(node),
@@ -498,11 +517,17 @@ fn range(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     if dtype.is_float() {
         let get = |i: usize| {
             imp.known(input(inputs, i))
-                .map(|t| t.to_f64s()[0])
-                .ok_or("float Range inputs must be known at compile time")
+                .map(|t| first_f64(&t))
+                .ok_or("float Range inputs must be known at compile time")?
         };
         let (start, limit, delta) = (get(0)?, get(1)?, get(2)?);
-        let len = ((limit - start) / delta).ceil().max(0.0) as usize;
+        let len = ((limit - start) / delta).ceil().max(0.0);
+        if !len.is_finite() || len > MAX_FOLDED_RANGE as f64 {
+            return Err(format!(
+                "a float Range of {len} elements is not supported (at most {MAX_FOLDED_RANGE})"
+            ));
+        }
+        let len = len as usize;
         let values = (0..len).map(|i| start + i as f64 * delta).collect();
         return Ok(vec![Val::Static(Tensor::from_f64s(
             dtype,
@@ -526,14 +551,19 @@ fn range(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     if delta == 0 {
         return Err("`delta` must not be 0".into());
     }
-    let span = Dim::sub(limit, start.clone());
-    let len = if delta == 1 {
+    // ceil(span / delta) with a non-negative divisor: for negative steps the span is negated.
+    let (span, stride) = if delta > 0 {
+        (Dim::sub(limit, start.clone()), delta)
+    } else {
+        (
+            Dim::sub(start.clone(), limit),
+            delta.checked_neg().ok_or("`delta` overflows")?,
+        )
+    };
+    let len = if stride == 1 {
         span
     } else {
-        Dim::div(
-            Dim::add(span, Dim::Const(delta - delta.signum())),
-            Dim::Const(delta),
-        )
+        Dim::div(Dim::add(span, Dim::Const(stride - 1)), Dim::Const(stride))
     };
     let len = len.as_const_equiv().map_or(len, |v| Dim::Const(v.max(0)));
     Ok(vec![imp.emit(
@@ -567,7 +597,7 @@ fn slice(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
         return Err("starts, ends, axes and steps differ in length".into());
     }
     // Exporters write "to the end" as i64 extremes; with a symbolic axis that is the dim itself.
-    let huge = |d: &Dim| d.as_const().is_some_and(|v| v.abs() >= 1 << 40);
+    let huge = |d: &Dim| d.as_const().is_some_and(|v| v >= 1 << 40);
     if let Some(ints) = imp
         .ints(x)
         .filter(|i| i.shape.len() == 1 && axes.len() == 1)
@@ -581,7 +611,7 @@ fn slice(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
                 end: Dim::Const(e),
                 step: steps[0],
             }
-            .evaluate_fixed(&[&probe])?;
+            .evaluate_fixed(&[&probe], super::FOLD_LIMIT)?;
             let values = picked
                 .to_i64s()
                 .iter()
@@ -651,6 +681,9 @@ fn split(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
     .filter(|&a| a < dims.len())
     .ok_or("axis out of range")?;
     let count = node.output.len();
+    if count == 0 {
+        return Err("Split needs at least one output".into());
+    }
     let sizes: Vec<Dim> = if present(inputs, 1) {
         known_ints(imp, input(inputs, 1), "split")?.values
     } else if let Some(sizes) = attr_ints(node, "split") {
@@ -704,7 +737,11 @@ fn transpose(imp: &mut Importer, node: &NodeProto, inputs: &[Val]) -> Outputs {
 }
 
 fn cast_to(imp: &mut Importer, node: &NodeProto, x: &Val, to: DType) -> Result<Val, String> {
-    if let Some(ints) = imp.ints(x).filter(|_| to.is_int()) {
+    // Symbolic dims stay symbolic through casts to types that hold them; constants fold below.
+    if let Some(ints) = imp
+        .ints(x)
+        .filter(|i| matches!(to, DType::I64 | DType::I32) && i.to_tensor().is_none())
+    {
         return Ok(Val::Ints(SymInts { dtype: to, ..ints }));
     }
     imp.emit(&name(node), Op::Cast { to }, std::slice::from_ref(x))
@@ -786,6 +823,32 @@ fn broadcast_pairs(a: &[usize], b: &[usize]) -> Option<Broadcast> {
 
 /// `a op b` on dims: arithmetic when it stays a dim, comparisons when the symbols' ranges decide.
 fn dim_binary(imp: &Importer, op: BinaryOp, a: &Dim, b: &Dim) -> Option<Result<Dim, bool>> {
+    let result = dim_binary_unbounded(imp, op, a, b)?;
+    match &result {
+        Ok(dim) if dim_size(dim) > MAX_DIM_NODES => None,
+        _ => Some(result),
+    }
+}
+
+/// Dim expressions larger than this are left to run time instead of folded, so that repeated
+/// arithmetic cannot grow them without bound.
+const MAX_DIM_NODES: usize = 64;
+
+fn dim_size(d: &Dim) -> usize {
+    match d {
+        Dim::Const(_) | Dim::Sym(_) => 1,
+        Dim::Add(a, b) | Dim::Sub(a, b) | Dim::Mul(a, b) | Dim::Div(a, b) => {
+            1 + dim_size(a) + dim_size(b)
+        }
+    }
+}
+
+fn dim_binary_unbounded(
+    imp: &Importer,
+    op: BinaryOp,
+    a: &Dim,
+    b: &Dim,
+) -> Option<Result<Dim, bool>> {
     let maxima = imp.b.graph().maxima();
     let diff = Dim::sub(a.clone(), b.clone());
     let (lo, hi) = diff.bounds(&maxima)?;
@@ -795,7 +858,7 @@ fn dim_binary(imp: &Importer, op: BinaryOp, a: &Dim, b: &Dim) -> Option<Result<D
         BinaryOp::Sub => Some(Ok(diff)),
         BinaryOp::Mul => Some(Ok(Dim::mul(a.clone(), b.clone()))),
         BinaryOp::Div => match (a.as_const(), b.as_const()) {
-            (Some(x), Some(y)) if y != 0 => Some(Ok(Dim::Const(x / y))),
+            (Some(x), Some(y)) => x.checked_div(y).map(|q| Ok(Dim::Const(q))),
             (_, Some(y)) if y > 0 => exact_div(a, b)
                 .or_else(|| Some(Dim::div(a.clone(), b.clone())))
                 .map(Ok),

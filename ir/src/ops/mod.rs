@@ -753,8 +753,13 @@ impl Op {
     }
 
     /// Evaluates the op on concrete operands alone, inferring the output dims from theirs:
-    /// constant folding. Sources (`input`, `const`) and ops whose dims are symbolic fail.
-    pub fn evaluate_fixed(&self, operands: &[&Tensor]) -> Result<Tensor, String> {
+    /// constant folding. Fails for sources (`input`, `const`), for symbolic output dims, and when
+    /// the output would have more than `max_elements` elements (checked before evaluating).
+    pub fn evaluate_fixed(
+        &self,
+        operands: &[&Tensor],
+        max_elements: usize,
+    ) -> Result<Tensor, String> {
         let types: Vec<TensorType> = operands
             .iter()
             .map(|t| TensorType::new(t.dtype(), Shape::fixed(t.shape())))
@@ -765,6 +770,17 @@ impl Op {
             InferCtx { maxima: &none },
         )?;
         let out_shape = out.shape.eval(&none).map_err(|e| e.to_string())?;
+        match out_shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        {
+            Some(n) if n <= max_elements => {}
+            _ => {
+                return Err(format!(
+                    "output {out} has more than {max_elements} elements"
+                ))
+            }
+        }
         self.eval(
             operands,
             EvalCtx {
