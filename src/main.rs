@@ -61,6 +61,8 @@ enum Command {
 enum Backend {
     /// The reference interpreter: slow, exact, the oracle for every other backend.
     Interp,
+    /// Native code compiled in memory with Cranelift (a subset of the ops so far).
+    Jit,
 }
 
 fn parse_binding(arg: &str) -> Result<(String, i64), String> {
@@ -155,6 +157,9 @@ fn run(
         Backend::Interp => {
             interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?
         }
+        Backend::Jit => kiln_codegen::compile_jit(&graph)
+            .and_then(|mut jit| jit.run(&inputs))
+            .with_context(|| format!("running {} with the JIT", model.display()))?,
     };
     kiln_ir::save_tensors(output, &outputs)?;
     for (name, tensor) in &outputs {

@@ -28,6 +28,12 @@ fn f32s(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 #[test]
 fn run_matches_the_independent_numpy_reference() {
+    for backend in ["interp", "jit"] {
+        run_example_with(backend);
+    }
+}
+
+fn run_example_with(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let result = kiln(&[
@@ -37,6 +43,8 @@ fn run_matches_the_independent_numpy_reference() {
         example("inputs.safetensors").to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
+        "--backend",
+        backend,
     ]);
     assert!(
         result.status.success(),
@@ -52,7 +60,7 @@ fn run_matches_the_independent_numpy_reference() {
         .zip(&expected)
         .map(|(a, e)| (a - e).abs())
         .fold(0.0, f32::max);
-    assert!(max_diff < 1e-5, "max abs diff {max_diff}");
+    assert!(max_diff < 1e-5, "{backend}: max abs diff {max_diff}");
 }
 
 #[test]

@@ -1,0 +1,820 @@
+//! One Cranelift function per node: a loop nest over the node's actual dims (evaluated from the
+//! symbol values at run time) that reads its operands and writes its output through the buffer
+//! table. Signature: `(buffers: *const *mut u8, symbols: *const i64) -> i32`, 0 on success.
+
+use crate::math;
+use crate::plan::Plan;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    types, AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, Type, Value,
+};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::JITModule;
+use cranelift_module::{FuncId, Linkage, Module};
+use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
+use kiln_ir::{DType, Dim, Graph, NodeId, Op, TensorType};
+use std::collections::HashMap;
+
+/// Status: an integer division or remainder by zero.
+const DIVISION_BY_ZERO: i64 = 1;
+
+/// The message of a kernel's non-zero status.
+pub(crate) fn status_message(status: i32) -> String {
+    match i64::from(status) {
+        DIVISION_BY_ZERO => "integer division by zero".into(),
+        other => format!("kernel failed with status {other}"),
+    }
+}
+
+/// Whether [`build`] lowers this op with these operand types.
+pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bool {
+    let input_dtype = operands.first().map_or(ty.dtype, |t| t.dtype);
+    let int = |d: DType| matches!(d, DType::I64 | DType::I32);
+    match op {
+        Op::Input
+        | Op::Constant { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::Expand { .. }
+        | Op::Where
+        | Op::Cast { .. } => true,
+        Op::Unary(u) => match input_dtype {
+            DType::F32 => *u != UnaryOp::Not,
+            DType::Bool => *u == UnaryOp::Not,
+            d if int(d) => matches!(
+                u,
+                UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Sign
+            ),
+            _ => false,
+        },
+        Op::Binary(b) => match input_dtype {
+            DType::F32 => !matches!(b, BinaryOp::And | BinaryOp::Or | BinaryOp::Xor),
+            DType::Bool => matches!(
+                b,
+                BinaryOp::And | BinaryOp::Or | BinaryOp::Xor | BinaryOp::Equal
+            ),
+            d if int(d) => !matches!(
+                b,
+                BinaryOp::Pow
+                    | BinaryOp::Mod
+                    | BinaryOp::Rem
+                    | BinaryOp::And
+                    | BinaryOp::Or
+                    | BinaryOp::Xor
+            ),
+            _ => false,
+        },
+        Op::MatMul => input_dtype == DType::F32 && operands.iter().all(|t| t.rank() >= 2),
+        Op::Softmax { .. } => input_dtype == DType::F32,
+        Op::Reduce { .. } => input_dtype == DType::F32,
+        Op::Fill { .. }
+        | Op::Range { .. }
+        | Op::Gemm(_)
+        | Op::Arg { .. }
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::Gather { .. }
+        | Op::GatherNd { .. }
+        | Op::LayerNorm { .. }
+        | Op::RmsNorm { .. }
+        | Op::Attention(_)
+        | Op::Rope { .. } => false,
+    }
+}
+
+fn clif_type(dtype: DType) -> Type {
+    match dtype {
+        DType::F32 => types::F32,
+        DType::I64 => types::I64,
+        DType::I32 => types::I32,
+        DType::F16 | DType::BF16 => types::I16,
+        DType::I8 | DType::U8 | DType::Bool => types::I8,
+    }
+}
+
+/// Builds the kernel of node `id`.
+pub(crate) fn build(
+    module: &mut JITModule,
+    graph: &Graph,
+    plan: &Plan,
+    id: NodeId,
+) -> Result<FuncId, String> {
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(types::I64));
+    sig.params.push(AbiParam::new(types::I64));
+    sig.returns.push(AbiParam::new(types::I32));
+    let func_id = module
+        .declare_function(&format!("kernel_{}", plan.index(id)), Linkage::Local, &sig)
+        .map_err(|e| e.to_string())?;
+    let mut ctx = module.make_context();
+    ctx.func.signature = sig;
+    let mut fb_ctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fb_ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let (buffers, symbols) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        let fail = b.create_block();
+        b.append_block_param(fail, types::I32);
+        let mut k = Kernel {
+            b,
+            module,
+            buffers,
+            symbols,
+            symbol_index: graph
+                .symbols()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.clone(), i))
+                .collect(),
+            fail,
+        };
+        k.node(graph, plan, id)?;
+        let zero = k.b.ins().iconst(types::I32, 0);
+        k.b.ins().return_(&[zero]);
+        k.b.switch_to_block(fail);
+        let status = k.b.block_params(fail)[0];
+        k.b.ins().return_(&[status]);
+        k.b.seal_all_blocks();
+        let config = k.module.target_config();
+        k.b.finalize(config);
+    }
+    module
+        .define_function(func_id, &mut ctx)
+        .map_err(|e| format!("{e:?}"))?;
+    module.clear_context(&mut ctx);
+    Ok(func_id)
+}
+
+/// The body of a loop nest, given the current linear offsets.
+type NestBody<'f, 'b> = dyn FnMut(&mut Kernel<'b>, &[Value]) -> Result<(), String> + 'f;
+
+struct Kernel<'a> {
+    b: FunctionBuilder<'a>,
+    module: &'a mut JITModule,
+    buffers: Value,
+    symbols: Value,
+    symbol_index: HashMap<String, usize>,
+    fail: Block,
+}
+
+fn memory() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+impl<'b> Kernel<'b> {
+    /// The buffer of the node in table slot `slot`.
+    fn buffer(&mut self, slot: usize) -> Value {
+        self.b.ins().load(
+            types::I64,
+            MemFlagsData::trusted().with_readonly(),
+            self.buffers,
+            (slot * 8) as i32,
+        )
+    }
+
+    fn iconst(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(types::I64, v)
+    }
+
+    /// A dim's run-time value.
+    fn dim(&mut self, d: &Dim) -> Value {
+        match d {
+            Dim::Const(v) => self.iconst(*v),
+            Dim::Sym(name) => {
+                let index = self.symbol_index[name];
+                self.b.ins().load(
+                    types::I64,
+                    MemFlagsData::trusted().with_readonly(),
+                    self.symbols,
+                    (index * 8) as i32,
+                )
+            }
+            Dim::Add(a, c) | Dim::Sub(a, c) | Dim::Mul(a, c) | Dim::Div(a, c) => {
+                let (x, y) = (self.dim(a), self.dim(c));
+                match d {
+                    Dim::Add(..) => self.b.ins().iadd(x, y),
+                    Dim::Sub(..) => self.b.ins().isub(x, y),
+                    Dim::Mul(..) => self.b.ins().imul(x, y),
+                    _ => self.b.ins().sdiv(x, y),
+                }
+            }
+        }
+    }
+
+    fn dims(&mut self, ty: &TensorType) -> Vec<Value> {
+        ty.shape.0.iter().map(|d| self.dim(d)).collect()
+    }
+
+    /// Row-major strides (in elements) of dims.
+    fn strides(&mut self, dims: &[Value]) -> Vec<Value> {
+        let mut strides = vec![self.iconst(1); dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = self.b.ins().imul(strides[i + 1], dims[i + 1]);
+        }
+        strides
+    }
+
+    /// Strides that read `operand` broadcast to an output of `out_rank` axes (0 on broadcast axes).
+    fn broadcast_strides(&mut self, operand: &TensorType, out_rank: usize) -> Vec<Value> {
+        let dims = self.dims(operand);
+        let strides = self.strides(&dims);
+        let lead = out_rank - operand.rank();
+        let zero = self.iconst(0);
+        (0..out_rank)
+            .map(|axis| match axis.checked_sub(lead) {
+                Some(j) if operand.shape.0[j] != Dim::Const(1) => strides[j],
+                _ => zero,
+            })
+            .collect()
+    }
+
+    fn address(&mut self, base: Value, offset: Value, dtype: DType) -> Value {
+        let bytes = self.b.ins().imul_imm_s(offset, dtype.size_bytes() as i64);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    fn load(&mut self, base: Value, offset: Value, dtype: DType) -> Value {
+        let at = self.address(base, offset, dtype);
+        self.b.ins().load(clif_type(dtype), memory(), at, 0)
+    }
+
+    fn store(&mut self, base: Value, offset: Value, dtype: DType, value: Value) {
+        let at = self.address(base, offset, dtype);
+        self.b.ins().store(memory(), value, at, 0);
+    }
+
+    /// `for i in 0..n { body(i) }`.
+    fn for_range(
+        &mut self,
+        n: Value,
+        body: &mut dyn FnMut(&mut Self, Value) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let counter = self.b.declare_var(types::I64);
+        let zero = self.iconst(0);
+        self.b.def_var(counter, zero);
+        let (header, inner, exit) = (
+            self.b.create_block(),
+            self.b.create_block(),
+            self.b.create_block(),
+        );
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(counter);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, n);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        body(self, i)?;
+        let i = self.b.use_var(counter);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.def_var(counter, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+        Ok(())
+    }
+
+    /// Nested loops over `dims`, tracking one linear offset per stride set:
+    /// `offsets[k] = bases[k] + sum(index[a] * strides[k][a])`.
+    fn nest(
+        &mut self,
+        dims: &[Value],
+        strides: &[Vec<Value>],
+        bases: Vec<Value>,
+        body: &mut NestBody<'_, 'b>,
+    ) -> Result<(), String> {
+        let Some((&n, rest)) = dims.split_first() else {
+            return body(self, &bases);
+        };
+        let heads: Vec<Value> = strides.iter().map(|s| s[0]).collect();
+        let tails: Vec<Vec<Value>> = strides.iter().map(|s| s[1..].to_vec()).collect();
+        self.for_range(n, &mut |k, i| {
+            let offsets: Vec<Value> = bases
+                .iter()
+                .zip(&heads)
+                .map(|(&base, &stride)| {
+                    let step = k.b.ins().imul(i, stride);
+                    k.b.ins().iadd(base, step)
+                })
+                .collect();
+            k.nest(rest, &tails, offsets, body)
+        })
+    }
+
+    fn call(&mut self, symbol: &str, args: &[Value]) -> Result<Value, String> {
+        let mut sig = self.module.make_signature();
+        for _ in args {
+            sig.params.push(AbiParam::new(types::F32));
+        }
+        sig.returns.push(AbiParam::new(types::F32));
+        let callee = self
+            .module
+            .declare_function(symbol, Linkage::Import, &sig)
+            .map_err(|e| e.to_string())?;
+        let fref = self.module.declare_func_in_func(callee, self.b.func);
+        let call = self.b.ins().call(fref, args);
+        Ok(self.b.inst_results(call)[0])
+    }
+
+    fn node(&mut self, graph: &Graph, plan: &Plan, id: NodeId) -> Result<(), String> {
+        let node = graph.node(id);
+        let operand_ids = graph.operands(id);
+        let operands: Vec<&TensorType> = operand_ids.iter().map(|&o| &graph.node(o).ty).collect();
+        let out = self.buffer(plan.index(id));
+        let inputs: Vec<Value> = operand_ids
+            .iter()
+            .map(|&o| self.buffer(plan.index(o)))
+            .collect();
+        match &node.op {
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } | Op::Expand { .. } => {
+                self.elementwise(&node.op, &node.ty, &operands, out, &inputs)
+            }
+            Op::Transpose { perm } => {
+                let dims = self.dims(operands[0]);
+                let strides = self.strides(&dims);
+                let out_dims = self.dims(&node.ty);
+                let out_strides = self.strides(&out_dims);
+                let permuted: Vec<Value> = perm.iter().map(|&p| strides[p]).collect();
+                let zero = self.iconst(0);
+                let dtype = node.ty.dtype;
+                self.nest(
+                    &out_dims,
+                    &[out_strides, permuted],
+                    vec![zero, zero],
+                    &mut |k, offsets| {
+                        let v = k.load(inputs[0], offsets[1], dtype);
+                        k.store(out, offsets[0], dtype, v);
+                        Ok(())
+                    },
+                )
+            }
+            Op::Reshape { .. } => {
+                let dims = self.dims(&node.ty);
+                let n = dims
+                    .iter()
+                    .copied()
+                    .reduce(|a, b| self.b.ins().imul(a, b))
+                    .unwrap_or_else(|| self.iconst(1));
+                let dtype = node.ty.dtype;
+                self.for_range(n, &mut |k, i| {
+                    let v = k.load(inputs[0], i, dtype);
+                    k.store(out, i, dtype, v);
+                    Ok(())
+                })
+            }
+            Op::MatMul => self.matmul(&node.ty, &operands, out, &inputs),
+            Op::Softmax { axis } => self.softmax(&node.ty, *axis, out, inputs[0]),
+            Op::Reduce {
+                op,
+                axes,
+                keep_dims,
+            } => self.reduce(operands[0], &node.ty, *op, axes, *keep_dims, out, inputs[0]),
+            other => Err(format!("`{}` has no kernel", other.name())),
+        }
+    }
+
+    fn elementwise(
+        &mut self,
+        op: &Op,
+        ty: &TensorType,
+        operands: &[&TensorType],
+        out: Value,
+        inputs: &[Value],
+    ) -> Result<(), String> {
+        let out_dims = self.dims(ty);
+        let out_strides = self.strides(&out_dims);
+        let mut strides = vec![out_strides];
+        for operand in operands {
+            strides.push(self.broadcast_strides(operand, ty.rank()));
+        }
+        let zero = self.iconst(0);
+        let bases = vec![zero; strides.len()];
+        let dtypes: Vec<DType> = operands.iter().map(|t| t.dtype).collect();
+        let out_dtype = ty.dtype;
+        self.nest(&out_dims, &strides, bases, &mut |k, offsets| {
+            let values: Vec<Value> = inputs
+                .iter()
+                .zip(&dtypes)
+                .zip(&offsets[1..])
+                .map(|((&p, &d), &o)| k.load(p, o, d))
+                .collect();
+            let result = match op {
+                Op::Unary(u) => k.unary(*u, dtypes[0], values[0])?,
+                Op::Binary(b) => k.binary(*b, dtypes[0], values[0], values[1])?,
+                Op::Where => {
+                    let cond = k.b.ins().icmp_imm_s(IntCC::NotEqual, values[0], 0);
+                    k.b.ins().select(cond, values[1], values[2])
+                }
+                Op::Cast { to } => k.cast(values[0], dtypes[0], *to),
+                _ => values[0],
+            };
+            k.store(out, offsets[0], out_dtype, result);
+            Ok(())
+        })
+    }
+
+    fn unary(&mut self, op: UnaryOp, dtype: DType, x: Value) -> Result<Value, String> {
+        if dtype == DType::Bool {
+            return Ok(self.b.ins().bxor_imm_s(x, 1));
+        }
+        if dtype != DType::F32 {
+            let ty = clif_type(dtype);
+            let zero = self.b.ins().iconst(ty, 0);
+            let negative = self.b.ins().icmp(IntCC::SignedLessThan, x, zero);
+            let negated = self.b.ins().ineg(x);
+            return Ok(match op {
+                UnaryOp::Neg => negated,
+                UnaryOp::Abs => self.b.ins().select(negative, negated, x),
+                UnaryOp::Relu => self.b.ins().select(negative, zero, x),
+                _ => {
+                    let positive = self.b.ins().icmp(IntCC::SignedGreaterThan, x, zero);
+                    let (p, n) = (
+                        self.b.ins().uextend(ty, positive),
+                        self.b.ins().uextend(ty, negative),
+                    );
+                    self.b.ins().isub(p, n)
+                }
+            });
+        }
+        if let Some(symbol) = math::unary_symbol(op) {
+            return self.call(symbol, &[x]);
+        }
+        let zero = self.b.ins().f32const(0.0);
+        Ok(match op {
+            UnaryOp::Neg => self.b.ins().fneg(x),
+            UnaryOp::Abs => self.b.ins().fabs(x),
+            UnaryOp::Sqrt => self.b.ins().sqrt(x),
+            UnaryOp::Floor => self.b.ins().floor(x),
+            UnaryOp::Ceil => self.b.ins().ceil(x),
+            UnaryOp::Round => self.b.ins().nearest(x),
+            UnaryOp::Reciprocal => {
+                let one = self.b.ins().f32const(1.0);
+                self.b.ins().fdiv(one, x)
+            }
+            UnaryOp::Relu => {
+                let positive = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                self.b.ins().select(positive, x, zero)
+            }
+            _ => {
+                // Sign: -1, 0 or 1; NaN stays NaN.
+                let (one, minus_one) = (self.b.ins().f32const(1.0), self.b.ins().f32const(-1.0));
+                let positive = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                let negative = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+                let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+                let rest = self.b.ins().select(nan, x, zero);
+                let rest = self.b.ins().select(negative, minus_one, rest);
+                self.b.ins().select(positive, one, rest)
+            }
+        })
+    }
+
+    fn binary(&mut self, op: BinaryOp, dtype: DType, a: Value, c: Value) -> Result<Value, String> {
+        if dtype == DType::F32 {
+            if let Some(symbol) = math::binary_symbol(op) {
+                return self.call(symbol, &[a, c]);
+            }
+            let compare = |cc| Some(cc);
+            let cc = match op {
+                BinaryOp::Equal => compare(FloatCC::Equal),
+                BinaryOp::Less => compare(FloatCC::LessThan),
+                BinaryOp::LessEqual => compare(FloatCC::LessThanOrEqual),
+                BinaryOp::Greater => compare(FloatCC::GreaterThan),
+                BinaryOp::GreaterEqual => compare(FloatCC::GreaterThanOrEqual),
+                _ => None,
+            };
+            if let Some(cc) = cc {
+                return Ok(self.b.ins().fcmp(cc, a, c));
+            }
+            return Ok(match op {
+                BinaryOp::Add => self.b.ins().fadd(a, c),
+                BinaryOp::Sub => self.b.ins().fsub(a, c),
+                BinaryOp::Mul => self.b.ins().fmul(a, c),
+                BinaryOp::Div => self.b.ins().fdiv(a, c),
+                BinaryOp::Max => self.b.ins().fmax(a, c),
+                _ => self.b.ins().fmin(a, c),
+            });
+        }
+        let cc = match op {
+            BinaryOp::Equal => Some(IntCC::Equal),
+            BinaryOp::Less => Some(IntCC::SignedLessThan),
+            BinaryOp::LessEqual => Some(IntCC::SignedLessThanOrEqual),
+            BinaryOp::Greater => Some(IntCC::SignedGreaterThan),
+            BinaryOp::GreaterEqual => Some(IntCC::SignedGreaterThanOrEqual),
+            _ => None,
+        };
+        if let Some(cc) = cc {
+            return Ok(self.b.ins().icmp(cc, a, c));
+        }
+        Ok(match op {
+            BinaryOp::And => self.b.ins().band(a, c),
+            BinaryOp::Or => self.b.ins().bor(a, c),
+            BinaryOp::Xor => self.b.ins().bxor(a, c),
+            BinaryOp::Add => self.b.ins().iadd(a, c),
+            BinaryOp::Sub => self.b.ins().isub(a, c),
+            BinaryOp::Mul => self.b.ins().imul(a, c),
+            BinaryOp::Max => self.b.ins().smax(a, c),
+            BinaryOp::Min => self.b.ins().smin(a, c),
+            _ => {
+                // Truncating division; zero is an error, MIN / -1 wraps as the interpreter does.
+                let ty = clif_type(dtype);
+                let is_zero = self.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
+                let status = self.b.ins().iconst(types::I32, DIVISION_BY_ZERO);
+                let ok = self.b.create_block();
+                self.b
+                    .ins()
+                    .brif(is_zero, self.fail, &[BlockArg::Value(status)], ok, &[]);
+                self.b.switch_to_block(ok);
+                let minus_one = self.b.ins().icmp_imm_s(IntCC::Equal, c, -1);
+                let one = self.b.ins().iconst(ty, 1);
+                let divisor = self.b.ins().select(minus_one, one, c);
+                let quotient = self.b.ins().sdiv(a, divisor);
+                let negated = self.b.ins().ineg(a);
+                self.b.ins().select(minus_one, negated, quotient)
+            }
+        })
+    }
+
+    fn cast(&mut self, x: Value, from: DType, to: DType) -> Value {
+        if from == to {
+            return x;
+        }
+        if to == DType::Bool {
+            return if from == DType::F32 {
+                let zero = self.b.ins().f32const(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, x, zero)
+            } else {
+                self.b.ins().icmp_imm_s(IntCC::NotEqual, x, 0)
+            };
+        }
+        // Integers (and bools as 0/1) widened to i64 first.
+        let wide = match from {
+            DType::F32 => None,
+            DType::I64 => Some(x),
+            DType::I32 | DType::I8 => Some(self.b.ins().sextend(types::I64, x)),
+            _ => Some(self.b.ins().uextend(types::I64, x)),
+        };
+        match (wide, to) {
+            (Some(w), DType::F32) => self.b.ins().fcvt_from_sint(types::F32, w),
+            (Some(w), DType::I64) => w,
+            (Some(w), _) => self.b.ins().ireduce(clif_type(to), w),
+            (None, DType::I64 | DType::I32) => self.b.ins().fcvt_to_sint_sat(clif_type(to), x),
+            (None, _) => {
+                // Saturate to the narrow range first, as `as i8` / `as u8` do.
+                let w = self.b.ins().fcvt_to_sint_sat(types::I32, x);
+                let (lo, hi) = if to == DType::I8 {
+                    (-128, 127)
+                } else {
+                    (0, 255)
+                };
+                let (lo, hi) = (
+                    self.b.ins().iconst(types::I32, lo),
+                    self.b.ins().iconst(types::I32, hi),
+                );
+                let w = self.b.ins().smax(w, lo);
+                let w = self.b.ins().smin(w, hi);
+                self.b.ins().ireduce(types::I8, w)
+            }
+        }
+    }
+
+    fn matmul(
+        &mut self,
+        ty: &TensorType,
+        operands: &[&TensorType],
+        out: Value,
+        inputs: &[Value],
+    ) -> Result<(), String> {
+        let (a_ty, b_ty) = (operands[0], operands[1]);
+        let out_dims = self.dims(ty);
+        let a_dims = self.dims(a_ty);
+        let b_dims = self.dims(b_ty);
+        let rank = ty.rank();
+        let (m, n, kk) = (
+            out_dims[rank - 2],
+            out_dims[rank - 1],
+            a_dims[a_dims.len() - 1],
+        );
+        let batch = rank - 2;
+        let mn = self.b.ins().imul(m, n);
+        let mk = self.b.ins().imul(m, kk);
+        let kn = self.b.ins().imul(kk, n);
+        // Batch strides in whole matrices, broadcast where an operand has size 1 or no axis.
+        let matrix_strides =
+            |k: &mut Self, operand: &TensorType, dims: &[Value], matrix: Value| -> Vec<Value> {
+                let lead = batch - (operand.rank() - 2);
+                let zero = k.iconst(0);
+                let mut strides = vec![zero; batch];
+                let mut stride = matrix;
+                for axis in (0..batch).rev() {
+                    if let Some(j) = axis.checked_sub(lead) {
+                        if operand.shape.0[j] != Dim::Const(1) {
+                            strides[axis] = stride;
+                        }
+                        stride = k.b.ins().imul(stride, dims[j]);
+                    }
+                }
+                strides
+            };
+        let out_batch = matrix_strides(self, ty, &out_dims, mn);
+        let a_batch = matrix_strides(self, a_ty, &a_dims, mk);
+        let b_batch = matrix_strides(self, b_ty, &b_dims, kn);
+        let zero = self.iconst(0);
+        let (a, bm) = (inputs[0], inputs[1]);
+        self.nest(
+            &out_dims[..batch],
+            &[out_batch, a_batch, b_batch],
+            vec![zero, zero, zero],
+            &mut |k, bases| {
+                let (ob, ab, bb) = (bases[0], bases[1], bases[2]);
+                k.for_range(m, &mut |k, i| {
+                    k.for_range(n, &mut |k, j| {
+                        let acc = k.b.declare_var(types::F32);
+                        let init = k.b.ins().f32const(0.0);
+                        k.b.def_var(acc, init);
+                        k.for_range(kk, &mut |k, p| {
+                            let row = k.b.ins().imul(i, kk);
+                            let a_at = k.b.ins().iadd(ab, row);
+                            let a_at = k.b.ins().iadd(a_at, p);
+                            let col = k.b.ins().imul(p, n);
+                            let b_at = k.b.ins().iadd(bb, col);
+                            let b_at = k.b.ins().iadd(b_at, j);
+                            let x = k.load(a, a_at, DType::F32);
+                            let y = k.load(bm, b_at, DType::F32);
+                            let product = k.b.ins().fmul(x, y);
+                            let sum = k.b.use_var(acc);
+                            let sum = k.b.ins().fadd(sum, product);
+                            k.b.def_var(acc, sum);
+                            Ok(())
+                        })?;
+                        let row = k.b.ins().imul(i, n);
+                        let at = k.b.ins().iadd(ob, row);
+                        let at = k.b.ins().iadd(at, j);
+                        let sum = k.b.use_var(acc);
+                        k.store(out, at, DType::F32, sum);
+                        Ok(())
+                    })
+                })
+            },
+        )
+    }
+
+    /// The dims and strides of every axis but `axis`, and that axis's length and stride.
+    fn split_axis(
+        &mut self,
+        ty: &TensorType,
+        axis: usize,
+    ) -> (Vec<Value>, Vec<Value>, Value, Value) {
+        let dims = self.dims(ty);
+        let strides = self.strides(&dims);
+        let outer_dims = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != axis)
+            .map(|(_, &d)| d)
+            .collect();
+        let outer_strides = strides
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != axis)
+            .map(|(_, &s)| s)
+            .collect();
+        (outer_dims, outer_strides, dims[axis], strides[axis])
+    }
+
+    fn softmax(&mut self, ty: &TensorType, axis: i64, out: Value, x: Value) -> Result<(), String> {
+        let rank = ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let (outer_dims, outer_strides, len, stride) = self.split_axis(ty, axis);
+        let zero = self.iconst(0);
+        self.nest(&outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
+            let base = base[0];
+            let at = |k: &mut Self, j: Value| {
+                let step = k.b.ins().imul(j, stride);
+                k.b.ins().iadd(base, step)
+            };
+            let max = k.b.declare_var(types::F32);
+            let minus_inf = k.b.ins().f32const(f32::NEG_INFINITY);
+            k.b.def_var(max, minus_inf);
+            k.for_range(len, &mut |k, j| {
+                let o = at(k, j);
+                let v = k.load(x, o, DType::F32);
+                let m = k.b.use_var(max);
+                let m = k.b.ins().fmax(m, v);
+                k.b.def_var(max, m);
+                Ok(())
+            })?;
+            let sum = k.b.declare_var(types::F32);
+            let zero_f = k.b.ins().f32const(0.0);
+            k.b.def_var(sum, zero_f);
+            k.for_range(len, &mut |k, j| {
+                let o = at(k, j);
+                let v = k.load(x, o, DType::F32);
+                let m = k.b.use_var(max);
+                let shifted = k.b.ins().fsub(v, m);
+                let e = k.call(
+                    math::unary_symbol(UnaryOp::Exp).unwrap_or("kiln_exp"),
+                    &[shifted],
+                )?;
+                k.store(out, o, DType::F32, e);
+                let s = k.b.use_var(sum);
+                let s = k.b.ins().fadd(s, e);
+                k.b.def_var(sum, s);
+                Ok(())
+            })?;
+            k.for_range(len, &mut |k, j| {
+                let o = at(k, j);
+                let e = k.load(out, o, DType::F32);
+                let s = k.b.use_var(sum);
+                let p = k.b.ins().fdiv(e, s);
+                k.store(out, o, DType::F32, p);
+                Ok(())
+            })
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reduce(
+        &mut self,
+        x_ty: &TensorType,
+        ty: &TensorType,
+        op: ReduceOp,
+        axes: &[i64],
+        keep_dims: bool,
+        out: Value,
+        x: Value,
+    ) -> Result<(), String> {
+        let rank = x_ty.rank() as i64;
+        let reduced: Vec<usize> = axes
+            .iter()
+            .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
+            .collect();
+        let x_dims = self.dims(x_ty);
+        let x_strides = self.strides(&x_dims);
+        let out_dims = self.dims(ty);
+        let out_strides = self.strides(&out_dims);
+        let (mut kept_dims, mut kept_x, mut kept_out, mut red_dims, mut red_x) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut out_axis = 0;
+        for axis in 0..x_ty.rank() {
+            if reduced.contains(&axis) {
+                red_dims.push(x_dims[axis]);
+                red_x.push(x_strides[axis]);
+                if keep_dims {
+                    out_axis += 1;
+                }
+            } else {
+                kept_dims.push(x_dims[axis]);
+                kept_x.push(x_strides[axis]);
+                kept_out.push(out_strides[out_axis]);
+                out_axis += 1;
+            }
+        }
+        let count = red_dims
+            .iter()
+            .copied()
+            .reduce(|a, b| self.b.ins().imul(a, b))
+            .unwrap_or_else(|| self.iconst(1));
+        let zero = self.iconst(0);
+        self.nest(
+            &kept_dims,
+            &[kept_x, kept_out],
+            vec![zero, zero],
+            &mut |k, bases| {
+                let (xb, ob) = (bases[0], bases[1]);
+                let acc = k.b.declare_var(types::F32);
+                let init = k.b.ins().f32const(match op {
+                    ReduceOp::Sum | ReduceOp::Mean => 0.0,
+                    ReduceOp::Prod => 1.0,
+                    ReduceOp::Max => f32::NEG_INFINITY,
+                    ReduceOp::Min => f32::INFINITY,
+                });
+                k.b.def_var(acc, init);
+                k.nest(
+                    &red_dims,
+                    std::slice::from_ref(&red_x),
+                    vec![xb],
+                    &mut |k, at| {
+                        let v = k.load(x, at[0], DType::F32);
+                        let a = k.b.use_var(acc);
+                        let a = match op {
+                            ReduceOp::Sum | ReduceOp::Mean => k.b.ins().fadd(a, v),
+                            ReduceOp::Prod => k.b.ins().fmul(a, v),
+                            ReduceOp::Max => k.b.ins().fmax(a, v),
+                            ReduceOp::Min => k.b.ins().fmin(a, v),
+                        };
+                        k.b.def_var(acc, a);
+                        Ok(())
+                    },
+                )?;
+                let mut result = k.b.use_var(acc);
+                if op == ReduceOp::Mean {
+                    let n = k.b.ins().fcvt_from_sint(types::F32, count);
+                    result = k.b.ins().fdiv(result, n);
+                }
+                k.store(out, ob, DType::F32, result);
+                Ok(())
+            },
+        )
+    }
+}

@@ -1,0 +1,235 @@
+//! The JIT against the reference interpreter: the shipped attention block, random graphs of the
+//! ops it lowers, and run-time errors.
+
+use kiln_codegen::{compile_jit, CodegenError};
+use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
+use kiln_ir::{interp, DType, Dim, Graph, NodeId, Op, Shape, Tensor, TensorType};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Largest difference allowed: f32 accumulation in the JIT against f64 in the interpreter.
+fn assert_close(jit: &Tensor, reference: &Tensor, context: &str) {
+    assert_eq!(jit.shape(), reference.shape(), "{context}");
+    assert_eq!(jit.dtype(), reference.dtype(), "{context}");
+    for (i, (a, e)) in jit.to_f64s().iter().zip(reference.to_f64s()).enumerate() {
+        let ok = (a.is_nan() && e.is_nan()) || a == &e || (a - e).abs() <= 1e-5 + 1e-4 * e.abs();
+        assert!(ok, "{context}: element {i}: jit {a} vs interpreter {e}");
+    }
+}
+
+#[test]
+fn attention_block_matches_the_interpreter() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/attention_block");
+    let graph = kiln_ir::text::parse_file(&dir.join("attention_block.kir")).unwrap();
+    let inputs: HashMap<String, Tensor> = kiln_ir::load_tensors(&dir.join("inputs.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut jit = compile_jit(&graph).unwrap();
+    let expected = interp::run(&graph, &inputs).unwrap();
+    for _ in 0..2 {
+        let actual = jit.run(&inputs).unwrap();
+        assert_close(&actual[0].1, &expected[0].1, "hidden_states");
+    }
+    // A shorter sequence through the same compiled code: dims come from the symbols at run time.
+    let short: HashMap<String, Tensor> = [
+        (
+            "x".to_string(),
+            Tensor::f32(
+                &[1, 3, 16],
+                (0..48).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect(),
+            )
+            .unwrap(),
+        ),
+        (
+            "attention_mask".to_string(),
+            Tensor::i64(&[1, 3], vec![1, 1, 0]).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_close(
+        &jit.run(&short).unwrap()[0].1,
+        &interp::run(&graph, &short).unwrap()[0].1,
+        "short",
+    );
+}
+
+#[test]
+fn unsupported_ops_are_listed() {
+    let graph = kiln_ir::text::parse(
+        "graph \"g\" {\n  input %x : f32[4]\n  %y = layer_norm(%x, %x) {axis = -1, eps = 1e-5}\n  %z = concat(%y, %y) {axis = 0}\n  output \"z\" = %z\n}",
+    )
+    .unwrap();
+    match compile_jit(&graph) {
+        Err(CodegenError::Unsupported(ops)) => assert_eq!(ops, ["concat", "layer_norm"]),
+        other => panic!("expected unsupported ops, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn integer_division_by_zero_is_an_error_not_a_crash() {
+    let graph = kiln_ir::text::parse("graph \"g\" {\n  input %a : i64[2]\n  input %b : i64[2]\n  %q = div(%a, %b)\n  output \"q\" = %q\n}").unwrap();
+    let mut jit = compile_jit(&graph).unwrap();
+    let feed = |b: Vec<i64>| -> HashMap<String, Tensor> {
+        [
+            (
+                "a".to_string(),
+                Tensor::i64(&[2], vec![i64::MIN, 7]).unwrap(),
+            ),
+            ("b".to_string(), Tensor::i64(&[2], b).unwrap()),
+        ]
+        .into_iter()
+        .collect()
+    };
+    assert_eq!(
+        jit.run(&feed(vec![-1, 2])).unwrap()[0].1.to_i64s(),
+        [i64::MIN, 3]
+    );
+    let error = jit.run(&feed(vec![1, 0])).unwrap_err().to_string();
+    assert_eq!(error, "node %q (div): integer division by zero");
+}
+
+/// A random graph over the ops the JIT lowers.
+fn random_graph(steps: &[(u8, u16, u16)]) -> Graph {
+    let mut g = Graph::new("random");
+    g.declare_symbol("seq", 6).unwrap();
+    let shapes = [
+        vec![Dim::sym("seq"), Dim::Const(4)],
+        vec![Dim::Const(2), Dim::sym("seq"), Dim::Const(4)],
+        vec![Dim::Const(4)],
+        vec![Dim::Const(2), Dim::Const(1), Dim::Const(4)],
+    ];
+    let mut nodes: Vec<NodeId> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            g.add_input(
+                &format!("x{i}"),
+                TensorType::new(DType::F32, Shape(s.clone())),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, &(kind, a, b)) in steps.iter().enumerate() {
+        let pick = |k: u16| nodes[k as usize % nodes.len()];
+        let (first, second) = (pick(a), pick(b));
+        let rank = g.node(first).ty.rank();
+        let (op, operands): (Op, Vec<NodeId>) = match kind % 9 {
+            0 => (Op::Unary(UnaryOp::ALL[a as usize % 19]), vec![first]),
+            1 => (
+                Op::Binary(
+                    [
+                        BinaryOp::Add,
+                        BinaryOp::Sub,
+                        BinaryOp::Mul,
+                        BinaryOp::Div,
+                        BinaryOp::Max,
+                        BinaryOp::Min,
+                        BinaryOp::Pow,
+                    ][b as usize % 7],
+                ),
+                vec![first, second],
+            ),
+            2 if rank >= 2 => {
+                // x @ x^T always contracts matching dims.
+                let mut perm: Vec<usize> = (0..rank).collect();
+                perm.swap(rank - 2, rank - 1);
+                match g.add_node(&format!("t{i}"), Op::Transpose { perm }, &[first]) {
+                    Ok(t) => (Op::MatMul, vec![first, t]),
+                    Err(_) => continue,
+                }
+            }
+            2 => continue,
+            3 => (
+                Op::Softmax {
+                    axis: -1 - (a as i64 % rank.max(1) as i64),
+                },
+                vec![first],
+            ),
+            4 => (
+                Op::Reduce {
+                    op: ReduceOp::ALL[b as usize % 5],
+                    axes: vec![-1],
+                    keep_dims: a % 2 == 0,
+                },
+                vec![first],
+            ),
+            5 => {
+                let mut perm: Vec<usize> = (0..rank).collect();
+                perm.reverse();
+                (Op::Transpose { perm }, vec![first])
+            }
+            6 => (
+                Op::Reshape {
+                    shape: Shape(vec![g.node(first).ty.shape.numel()]),
+                },
+                vec![first],
+            ),
+            7 => {
+                let cond = g.add_node(
+                    &format!("c{i}"),
+                    Op::Binary(BinaryOp::Less),
+                    &[first, second],
+                );
+                match cond {
+                    Ok(c) => (Op::Where, vec![c, first, second]),
+                    Err(_) => continue,
+                }
+            }
+            _ => (
+                Op::Expand {
+                    shape: Shape(
+                        std::iter::once(Dim::Const(2))
+                            .chain(g.node(first).ty.shape.0.iter().cloned())
+                            .collect(),
+                    ),
+                },
+                vec![first],
+            ),
+        };
+        if let Ok(id) = g.add_node(&format!("n{i}"), op, &operands) {
+            nodes.push(id);
+        }
+    }
+    let last = *nodes.last().unwrap();
+    g.add_output("out", last).unwrap();
+    if last != nodes[0] {
+        g.add_output("first", nodes[0]).unwrap();
+    }
+    g
+}
+
+fn random_inputs(graph: &Graph, seq: usize) -> HashMap<String, Tensor> {
+    let bindings = HashMap::from([("seq".to_string(), seq as i64)]);
+    graph
+        .inputs()
+        .iter()
+        .map(|&id| {
+            let node = graph.node(id);
+            let dims = node.ty.shape.eval(&bindings).unwrap();
+            let n: usize = dims.iter().product();
+            let values = (0..n)
+                .map(|i| ((i * 37 + 11) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            (node.name.clone(), Tensor::f32(&dims, values).unwrap())
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_graphs_match_the_interpreter(steps in prop::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 1..12), seq in 1usize..=6) {
+        let graph = random_graph(&steps);
+        let inputs = random_inputs(&graph, seq);
+        let mut jit = compile_jit(&graph).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let expected = interp::run(&graph, &inputs).unwrap();
+        let actual = jit.run(&inputs).unwrap();
+        for ((name, a), (_, e)) in actual.iter().zip(&expected) {
+            assert_close(a, e, &format!("{name} of\n{}", kiln_ir::text::print(&graph)));
+        }
+    }
+}
