@@ -18,10 +18,14 @@ use std::collections::HashMap;
 /// Status: an integer division or remainder by zero.
 const DIVISION_BY_ZERO: i64 = 1;
 
+/// Status: a gather index outside its axis.
+const INDEX_OUT_OF_RANGE: i64 = 2;
+
 /// The message of a kernel's non-zero status.
 pub(crate) fn status_message(status: i32) -> String {
     match i64::from(status) {
         DIVISION_BY_ZERO => "integer division by zero".into(),
+        INDEX_OUT_OF_RANGE => "gather index out of range".into(),
         other => format!("kernel failed with status {other}"),
     }
 }
@@ -65,20 +69,17 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
             _ => false,
         },
         Op::MatMul => input_dtype == DType::F32 && operands.iter().all(|t| t.rank() >= 2),
-        Op::Softmax { .. } => input_dtype == DType::F32,
-        Op::Reduce { .. } => input_dtype == DType::F32,
+        Op::Softmax { .. } | Op::Reduce { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+            input_dtype == DType::F32
+        }
+        Op::Arg { .. } => matches!(input_dtype, DType::F32 | DType::I64 | DType::I32),
         Op::Fill { .. }
         | Op::Range { .. }
-        | Op::Gemm(_)
-        | Op::Arg { .. }
         | Op::Concat { .. }
         | Op::Slice { .. }
-        | Op::Gather { .. }
-        | Op::GatherNd { .. }
-        | Op::LayerNorm { .. }
-        | Op::RmsNorm { .. }
-        | Op::Attention(_)
-        | Op::Rope { .. } => false,
+        | Op::Gather { .. } => true,
+        Op::GatherNd { batch_dims } => *batch_dims == 0,
+        Op::Gemm(_) | Op::Attention(_) | Op::Rope { .. } => false,
     }
 }
 
@@ -369,6 +370,55 @@ impl<'b> Kernel<'b> {
                 axes,
                 keep_dims,
             } => self.reduce(operands[0], &node.ty, *op, axes, *keep_dims, out, inputs[0]),
+            Op::Fill { value, dtype, .. } => {
+                let dims = self.dims(&node.ty);
+                let strides = self.strides(&dims);
+                let zero = self.iconst(0);
+                let (value, dtype) = (*value, *dtype);
+                self.nest(&dims, &[strides], vec![zero], &mut |k, at| {
+                    let v = k.scalar_const(value, dtype);
+                    k.store(out, at[0], dtype, v);
+                    Ok(())
+                })
+            }
+            Op::Range { start, step, .. } => {
+                let dims = self.dims(&node.ty);
+                let first = self.dim(start);
+                let (step, dtype) = (*step, node.ty.dtype);
+                self.for_range(dims[0], &mut |k, i| {
+                    let offset = k.b.ins().imul_imm_s(i, step);
+                    let v = k.b.ins().iadd(first, offset);
+                    let v = k.cast(v, DType::I64, dtype);
+                    k.store(out, i, dtype, v);
+                    Ok(())
+                })
+            }
+            Op::Slice {
+                axis, start, step, ..
+            } => self.slice(operands[0], &node.ty, *axis, start, *step, out, inputs[0]),
+            Op::Concat { axis } => self.concat(&operands, &node.ty, *axis, out, &inputs),
+            Op::Gather { axis } => self.gather(
+                operands[0],
+                operands[1],
+                &node.ty,
+                *axis,
+                out,
+                inputs[0],
+                inputs[1],
+            ),
+            Op::GatherNd { .. } => {
+                self.gather_nd(operands[0], operands[1], out, inputs[0], inputs[1])
+            }
+            Op::LayerNorm { axis, eps } => {
+                self.normalize(&operands, *axis, eps.0, true, out, &inputs)
+            }
+            Op::RmsNorm { eps } => self.normalize(&operands, -1, eps.0, false, out, &inputs),
+            Op::Arg {
+                op,
+                axis,
+                select_last,
+                ..
+            } => self.arg(operands[0], *op, *axis, *select_last, out, inputs[0]),
             other => Err(format!("`{}` has no kernel", other.name())),
         }
     }
@@ -813,6 +863,415 @@ impl<'b> Kernel<'b> {
                     result = k.b.ins().fdiv(result, n);
                 }
                 k.store(out, ob, DType::F32, result);
+                Ok(())
+            },
+        )
+    }
+
+    fn scalar_const(&mut self, value: kiln_ir::Scalar, dtype: DType) -> Value {
+        match dtype {
+            DType::F32 => self.b.ins().f32const(value.as_f64() as f32),
+            _ => {
+                let v = match dtype {
+                    DType::Bool => i64::from(value.as_f64() != 0.0),
+                    _ => value.as_i64(),
+                };
+                self.b.ins().iconst(clif_type(dtype), v)
+            }
+        }
+    }
+
+    /// Clamps `v` into `lo..=hi` (signed).
+    fn clamp(&mut self, v: Value, lo: Value, hi: Value) -> Value {
+        let v = self.b.ins().smax(v, lo);
+        self.b.ins().smin(v, hi)
+    }
+
+    /// Branches to the failure block with `status` when `condition` holds.
+    fn fail_if(&mut self, condition: Value, status: i64) {
+        let code = self.b.ins().iconst(types::I32, status);
+        let ok = self.b.create_block();
+        self.b
+            .ins()
+            .brif(condition, self.fail, &[BlockArg::Value(code)], ok, &[]);
+        self.b.switch_to_block(ok);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn slice(
+        &mut self,
+        x_ty: &TensorType,
+        ty: &TensorType,
+        axis: i64,
+        start: &Dim,
+        step: i64,
+        out: Value,
+        x: Value,
+    ) -> Result<(), String> {
+        let rank = x_ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let x_dims = self.dims(x_ty);
+        let x_strides = self.strides(&x_dims);
+        let out_dims = self.dims(ty);
+        let out_strides = self.strides(&out_dims);
+        // The first index, with ONNX's negative-from-the-end rule and clamping.
+        let dim = x_dims[axis];
+        let s = self.dim(start);
+        let negative = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, s, 0);
+        let shifted = self.b.ins().iadd(s, dim);
+        let s = self.b.ins().select(negative, shifted, s);
+        let zero = self.iconst(0);
+        let hi = if step > 0 {
+            dim
+        } else {
+            self.b.ins().iadd_imm_s(dim, -1)
+        };
+        let hi = self.b.ins().smax(hi, zero);
+        let first = self.clamp(s, zero, hi);
+        let base = self.b.ins().imul(first, x_strides[axis]);
+        let mut strides = x_strides.clone();
+        strides[axis] = self.b.ins().imul_imm_s(x_strides[axis], step);
+        let dtype = ty.dtype;
+        self.nest(
+            &out_dims,
+            &[out_strides, strides],
+            vec![zero, base],
+            &mut |k, at| {
+                let v = k.load(x, at[1], dtype);
+                k.store(out, at[0], dtype, v);
+                Ok(())
+            },
+        )
+    }
+
+    fn concat(
+        &mut self,
+        operands: &[&TensorType],
+        ty: &TensorType,
+        axis: i64,
+        out: Value,
+        inputs: &[Value],
+    ) -> Result<(), String> {
+        let rank = ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let out_dims = self.dims(ty);
+        let out_strides = self.strides(&out_dims);
+        let mut position = self.iconst(0);
+        let dtype = ty.dtype;
+        for (operand, &x) in operands.iter().zip(inputs) {
+            let dims = self.dims(operand);
+            let strides = self.strides(&dims);
+            let base = self.b.ins().imul(position, out_strides[axis]);
+            let zero = self.iconst(0);
+            self.nest(
+                &dims,
+                &[out_strides.clone(), strides],
+                vec![base, zero],
+                &mut |k, at| {
+                    let v = k.load(x, at[1], dtype);
+                    k.store(out, at[0], dtype, v);
+                    Ok(())
+                },
+            )?;
+            position = self.b.ins().iadd(position, dims[axis]);
+        }
+        Ok(())
+    }
+
+    /// A loaded index made non-negative (counting from the end) and checked against `len`.
+    fn checked_index(&mut self, index: Value, index_dtype: DType, len: Value) -> Value {
+        let i = self.cast(index, index_dtype, DType::I64);
+        let negative = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, i, 0);
+        let shifted = self.b.ins().iadd(i, len);
+        let i = self.b.ins().select(negative, shifted, i);
+        let below = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, i, 0);
+        let above = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, len);
+        let outside = self.b.ins().bor(below, above);
+        self.fail_if(outside, INDEX_OUT_OF_RANGE);
+        i
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &mut self,
+        data_ty: &TensorType,
+        idx_ty: &TensorType,
+        ty: &TensorType,
+        axis: i64,
+        out: Value,
+        data: Value,
+        indices: Value,
+    ) -> Result<(), String> {
+        let rank = data_ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let data_dims = self.dims(data_ty);
+        let data_strides = self.strides(&data_dims);
+        let idx_dims = self.dims(idx_ty);
+        let idx_strides = self.strides(&idx_dims);
+        let out_dims = self.dims(ty);
+        let out_strides = self.strides(&out_dims);
+        let zero = self.iconst(0);
+        // Output axes: data's outer axes, then the index axes, then data's inner axes.
+        let q = idx_ty.rank();
+        let data_walk: Vec<Value> = (0..out_dims.len())
+            .map(|a| {
+                if a < axis {
+                    data_strides[a]
+                } else if a < axis + q {
+                    zero
+                } else {
+                    data_strides[a - q + 1]
+                }
+            })
+            .collect();
+        let idx_walk: Vec<Value> = (0..out_dims.len())
+            .map(|a| {
+                if a >= axis && a < axis + q {
+                    idx_strides[a - axis]
+                } else {
+                    zero
+                }
+            })
+            .collect();
+        let (len, axis_stride, dtype, idx_dtype) =
+            (data_dims[axis], data_strides[axis], ty.dtype, idx_ty.dtype);
+        self.nest(
+            &out_dims,
+            &[out_strides, data_walk, idx_walk],
+            vec![zero, zero, zero],
+            &mut |k, at| {
+                let raw = k.load(indices, at[2], idx_dtype);
+                let i = k.checked_index(raw, idx_dtype, len);
+                let step = k.b.ins().imul(i, axis_stride);
+                let from = k.b.ins().iadd(at[1], step);
+                let v = k.load(data, from, dtype);
+                k.store(out, at[0], dtype, v);
+                Ok(())
+            },
+        )
+    }
+
+    fn gather_nd(
+        &mut self,
+        data_ty: &TensorType,
+        idx_ty: &TensorType,
+        out: Value,
+        data: Value,
+        indices: Value,
+    ) -> Result<(), String> {
+        let data_dims = self.dims(data_ty);
+        let data_strides = self.strides(&data_dims);
+        let idx_dims = self.dims(idx_ty);
+        let tuple = idx_ty.shape.0[idx_ty.rank() - 1].as_const().unwrap_or(0) as usize;
+        let lookups = &idx_dims[..idx_dims.len() - 1];
+        let lookup_strides = self.strides(lookups);
+        let slice_dims = data_dims[tuple..].to_vec();
+        let slice_len = slice_dims
+            .iter()
+            .copied()
+            .reduce(|a, b| self.b.ins().imul(a, b))
+            .unwrap_or_else(|| self.iconst(1));
+        let zero = self.iconst(0);
+        let t = self.iconst(tuple as i64);
+        let idx_dtype = idx_ty.dtype;
+        let dtype = data_ty.dtype;
+        self.nest(lookups, &[lookup_strides], vec![zero], &mut |k, at| {
+            let lookup = at[0];
+            let mut from = k.iconst(0);
+            for j in 0..tuple {
+                let position = k.b.ins().imul(lookup, t);
+                let position = k.b.ins().iadd_imm_s(position, j as i64);
+                let raw = k.load(indices, position, idx_dtype);
+                let i = k.checked_index(raw, idx_dtype, data_dims[j]);
+                let step = k.b.ins().imul(i, data_strides[j]);
+                from = k.b.ins().iadd(from, step);
+            }
+            let to = k.b.ins().imul(lookup, slice_len);
+            k.for_range(slice_len, &mut |k, e| {
+                let src = k.b.ins().iadd(from, e);
+                let dst = k.b.ins().iadd(to, e);
+                let v = k.load(data, src, dtype);
+                k.store(out, dst, dtype, v);
+                Ok(())
+            })
+        })
+    }
+
+    /// Layer normalization (`centered`) or RMS normalization over the axes from `axis` on, with
+    /// row statistics accumulated in f64 as the interpreter does.
+    fn normalize(
+        &mut self,
+        operands: &[&TensorType],
+        axis: i64,
+        eps: f32,
+        centered: bool,
+        out: Value,
+        inputs: &[Value],
+    ) -> Result<(), String> {
+        let x_ty = operands[0];
+        let rank = x_ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let dims = self.dims(x_ty);
+        let outer = &dims[..axis];
+        let inner = dims[axis..].to_vec();
+        let row = inner
+            .iter()
+            .copied()
+            .reduce(|a, b| self.b.ins().imul(a, b))
+            .unwrap_or_else(|| self.iconst(1));
+        // Rows are contiguous: the outer axes step over whole rows.
+        let mut outer_strides = self.strides(outer);
+        for stride in outer_strides.iter_mut() {
+            *stride = self.b.ins().imul(*stride, row);
+        }
+        let inner_strides = self.strides(&inner);
+        let inner_ty = TensorType::new(x_ty.dtype, kiln_ir::Shape(x_ty.shape.0[axis..].to_vec()));
+        let param_strides: Vec<Vec<Value>> = operands[1..]
+            .iter()
+            .map(|p| self.broadcast_strides(p, inner_ty.rank()))
+            .collect();
+        let zero = self.iconst(0);
+        let (x, scale, bias) = (inputs[0], inputs[1], inputs.get(2).copied());
+        let count = self.b.ins().fcvt_from_sint(types::F64, row);
+        self.nest(outer, &[outer_strides], vec![zero], &mut |k, base| {
+            let base = base[0];
+            let sum = k.b.declare_var(types::F64);
+            let zero_f = k.b.ins().f64const(0.0);
+            k.b.def_var(sum, zero_f);
+            let mean = if centered {
+                k.for_range(row, &mut |k, j| {
+                    let at = k.b.ins().iadd(base, j);
+                    let v = k.load(x, at, DType::F32);
+                    let v = k.b.ins().fpromote(types::F64, v);
+                    let s = k.b.use_var(sum);
+                    let s = k.b.ins().fadd(s, v);
+                    k.b.def_var(sum, s);
+                    Ok(())
+                })?;
+                let s = k.b.use_var(sum);
+                k.b.ins().fdiv(s, count)
+            } else {
+                k.b.ins().f64const(0.0)
+            };
+            let squares = k.b.declare_var(types::F64);
+            k.b.def_var(squares, zero_f);
+            k.for_range(row, &mut |k, j| {
+                let at = k.b.ins().iadd(base, j);
+                let v = k.load(x, at, DType::F32);
+                let v = k.b.ins().fpromote(types::F64, v);
+                let d = k.b.ins().fsub(v, mean);
+                let d2 = k.b.ins().fmul(d, d);
+                let s = k.b.use_var(squares);
+                let s = k.b.ins().fadd(s, d2);
+                k.b.def_var(squares, s);
+                Ok(())
+            })?;
+            let s = k.b.use_var(squares);
+            let variance = k.b.ins().fdiv(s, count);
+            let eps = k.b.ins().f64const(f64::from(eps));
+            let shifted = k.b.ins().fadd(variance, eps);
+            let root = k.b.ins().sqrt(shifted);
+            let one = k.b.ins().f64const(1.0);
+            let inv = k.b.ins().fdiv(one, root);
+            let mut strides = vec![inner_strides.clone()];
+            strides.extend(param_strides.iter().cloned());
+            let bases = vec![base; 1]
+                .into_iter()
+                .chain(param_strides.iter().map(|_| zero))
+                .collect();
+            k.nest(&inner, &strides, bases, &mut |k, at| {
+                let v = k.load(x, at[0], DType::F32);
+                let v = k.b.ins().fpromote(types::F64, v);
+                let d = k.b.ins().fsub(v, mean);
+                let n = k.b.ins().fmul(d, inv);
+                let g = k.load(scale, at[1], DType::F32);
+                let g = k.b.ins().fpromote(types::F64, g);
+                let mut y = k.b.ins().fmul(n, g);
+                if let Some(bias) = bias {
+                    let c = k.load(bias, at[2], DType::F32);
+                    let c = k.b.ins().fpromote(types::F64, c);
+                    y = k.b.ins().fadd(y, c);
+                }
+                let y = k.b.ins().fdemote(types::F32, y);
+                k.store(out, at[0], DType::F32, y);
+                Ok(())
+            })
+        })
+    }
+
+    fn arg(
+        &mut self,
+        x_ty: &TensorType,
+        op: kiln_ir::ops::ArgOp,
+        axis: i64,
+        select_last: bool,
+        out: Value,
+        x: Value,
+    ) -> Result<(), String> {
+        let rank = x_ty.rank() as i64;
+        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .map_err(|_| "axis out of range")?;
+        let (outer_dims, outer_strides, len, stride) = self.split_axis(x_ty, axis);
+        let out_strides = self.strides(&outer_dims);
+        let zero = self.iconst(0);
+        let dtype = x_ty.dtype;
+        let is_float = dtype == DType::F32;
+        self.nest(
+            &outer_dims,
+            &[outer_strides, out_strides],
+            vec![zero, zero],
+            &mut |k, base| {
+                let (xb, ob) = (base[0], base[1]);
+                let best = k.b.declare_var(types::I64);
+                let zero = k.iconst(0);
+                k.b.def_var(best, zero);
+                k.for_range(len, &mut |k, j| {
+                    let step = k.b.ins().imul(j, stride);
+                    let at = k.b.ins().iadd(xb, step);
+                    let v = k.load(x, at, dtype);
+                    let current = k.b.use_var(best);
+                    let step = k.b.ins().imul(current, stride);
+                    let at = k.b.ins().iadd(xb, step);
+                    let b = k.load(x, at, dtype);
+                    let (better, equal) = if is_float {
+                        let cc = if op == kiln_ir::ops::ArgOp::Max {
+                            FloatCC::GreaterThan
+                        } else {
+                            FloatCC::LessThan
+                        };
+                        let strict = k.b.ins().fcmp(cc, v, b);
+                        // NaN wins over numbers; two NaNs are equal.
+                        let v_nan = k.b.ins().fcmp(FloatCC::Unordered, v, v);
+                        let b_nan = k.b.ins().fcmp(FloatCC::Unordered, b, b);
+                        let b_num = k.b.ins().bxor_imm_s(b_nan, 1);
+                        let nan_wins = k.b.ins().band(v_nan, b_num);
+                        let better = k.b.ins().bor(strict, nan_wins);
+                        let same = k.b.ins().fcmp(FloatCC::Equal, v, b);
+                        let both_nan = k.b.ins().band(v_nan, b_nan);
+                        (better, k.b.ins().bor(same, both_nan))
+                    } else {
+                        let cc = if op == kiln_ir::ops::ArgOp::Max {
+                            IntCC::SignedGreaterThan
+                        } else {
+                            IntCC::SignedLessThan
+                        };
+                        (k.b.ins().icmp(cc, v, b), k.b.ins().icmp(IntCC::Equal, v, b))
+                    };
+                    let take = if select_last {
+                        k.b.ins().bor(better, equal)
+                    } else {
+                        better
+                    };
+                    let chosen = k.b.ins().select(take, j, current);
+                    k.b.def_var(best, chosen);
+                    Ok(())
+                })?;
+                let result = k.b.use_var(best);
+                k.store(out, ob, DType::I64, result);
                 Ok(())
             },
         )

@@ -59,11 +59,11 @@ fn attention_block_matches_the_interpreter() {
 #[test]
 fn unsupported_ops_are_listed() {
     let graph = kiln_ir::text::parse(
-        "graph \"g\" {\n  input %x : f32[4]\n  %y = layer_norm(%x, %x) {axis = -1, eps = 1e-5}\n  %z = concat(%y, %y) {axis = 0}\n  output \"z\" = %z\n}",
+        "graph \"g\" {\n  input %x : f32[1, 1, 2, 4]\n  input %p : i64[2]\n  %y = rope(%x, %p) {theta = 10000.0, interleaved = false}\n  %z = attention(%y, %y, %y) {scale = 0.5, mask = causal, tile_q = 16, tile_k = 16}\n  output \"z\" = %z\n}",
     )
     .unwrap();
     match compile_jit(&graph) {
-        Err(CodegenError::Unsupported(ops)) => assert_eq!(ops, ["concat", "layer_norm"]),
+        Err(CodegenError::Unsupported(ops)) => assert_eq!(ops, ["attention", "rope"]),
         other => panic!("expected unsupported ops, got {:?}", other.map(|_| ())),
     }
 }
