@@ -21,11 +21,15 @@ const DIVISION_BY_ZERO: i64 = 1;
 /// Status: a gather index outside its axis.
 const INDEX_OUT_OF_RANGE: i64 = 2;
 
+/// Status: arg_max or arg_min over an axis of size 0.
+const EMPTY_AXIS: i64 = 3;
+
 /// The message of a kernel's non-zero status.
 pub(crate) fn status_message(status: i32) -> String {
     match i64::from(status) {
         DIVISION_BY_ZERO => "integer division by zero".into(),
         INDEX_OUT_OF_RANGE => "gather index out of range".into(),
+        EMPTY_AXIS => "arg_max/arg_min over an empty axis".into(),
         other => format!("kernel failed with status {other}"),
     }
 }
@@ -1038,6 +1042,17 @@ impl<'b> Kernel<'b> {
             .collect();
         let (len, axis_stride, dtype, idx_dtype) =
             (data_dims[axis], data_strides[axis], ty.dtype, idx_ty.dtype);
+        // Every index is checked, even when the gathered slices are empty, as the interpreter does.
+        let count = idx_dims
+            .iter()
+            .copied()
+            .reduce(|a, b| self.b.ins().imul(a, b))
+            .unwrap_or_else(|| self.iconst(1));
+        self.for_range(count, &mut |k, j| {
+            let raw = k.load(indices, j, idx_dtype);
+            k.checked_index(raw, idx_dtype, len);
+            Ok(())
+        })?;
         self.nest(
             &out_dims,
             &[out_strides, data_walk, idx_walk],
@@ -1216,6 +1231,8 @@ impl<'b> Kernel<'b> {
         let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
             .map_err(|_| "axis out of range")?;
         let (outer_dims, outer_strides, len, stride) = self.split_axis(x_ty, axis);
+        let empty = self.b.ins().icmp_imm_s(IntCC::Equal, len, 0);
+        self.fail_if(empty, EMPTY_AXIS);
         let out_strides = self.strides(&outer_dims);
         let zero = self.iconst(0);
         let dtype = x_ty.dtype;

@@ -69,6 +69,28 @@ fn unsupported_ops_are_listed() {
 }
 
 #[test]
+fn gather_checks_indices_even_when_the_output_is_empty() {
+    // Regression (found by the random-graph property): the interpreter refuses an index out of
+    // range even when the gathered slices are empty, and so must the JIT.
+    let graph = kiln_ir::text::parse(
+        "graph \"g\" {\n  input %x : f32[2, 0]\n  %i = range {start = 1, step = 1, len = 2, dtype = i64} : i64[2]\n  %y = gather(%x, %i) {axis = 0}\n  output \"y\" = %y\n}",
+    )
+    .unwrap();
+    let feed: HashMap<String, Tensor> = [("x".to_string(), Tensor::f32(&[2, 0], vec![]).unwrap())]
+        .into_iter()
+        .collect();
+    assert!(interp::run(&graph, &feed).is_err());
+    assert_eq!(
+        compile_jit(&graph)
+            .unwrap()
+            .run(&feed)
+            .unwrap_err()
+            .to_string(),
+        "node %y (gather): gather index out of range"
+    );
+}
+
+#[test]
 fn integer_division_by_zero_is_an_error_not_a_crash() {
     let graph = kiln_ir::text::parse("graph \"g\" {\n  input %a : i64[2]\n  input %b : i64[2]\n  %q = div(%a, %b)\n  output \"q\" = %q\n}").unwrap();
     let mut jit = compile_jit(&graph).unwrap();
@@ -116,7 +138,7 @@ fn random_graph(steps: &[(u8, u16, u16)]) -> Graph {
         let pick = |k: u16| nodes[k as usize % nodes.len()];
         let (first, second) = (pick(a), pick(b));
         let rank = g.node(first).ty.rank();
-        let (op, operands): (Op, Vec<NodeId>) = match kind % 9 {
+        let (op, operands): (Op, Vec<NodeId>) = match kind % 16 {
             0 => (Op::Unary(UnaryOp::ALL[a as usize % 19]), vec![first]),
             1 => (
                 Op::Binary(
@@ -178,7 +200,7 @@ fn random_graph(steps: &[(u8, u16, u16)]) -> Graph {
                     Err(_) => continue,
                 }
             }
-            _ => (
+            8 => (
                 Op::Expand {
                     shape: Shape(
                         std::iter::once(Dim::Const(2))
@@ -187,6 +209,69 @@ fn random_graph(steps: &[(u8, u16, u16)]) -> Graph {
                     ),
                 },
                 vec![first],
+            ),
+            9 => (
+                Op::Slice {
+                    axis: -1,
+                    start: Dim::Const(a as i64 % 3 - 1),
+                    end: Dim::Const(4),
+                    step: [1, 2, -1][b as usize % 3],
+                },
+                vec![first],
+            ),
+            10 => (Op::Concat { axis: -1 }, vec![first, second]),
+            11 => (
+                Op::LayerNorm {
+                    axis: -1,
+                    eps: kiln_ir::F32(1e-5),
+                },
+                vec![first, second],
+            ),
+            12 => (
+                Op::RmsNorm {
+                    eps: kiln_ir::F32(1e-6),
+                },
+                vec![first, second],
+            ),
+            13 => {
+                let range = Op::Range {
+                    start: Dim::Const(a as i64 % 2),
+                    step: 1,
+                    len: Dim::Const(2),
+                    dtype: DType::I64,
+                };
+                match g.add_node(&format!("ids{i}"), range, &[]) {
+                    Ok(ids) => (Op::Gather { axis: 0 }, vec![first, ids]),
+                    Err(_) => continue,
+                }
+            }
+            14 => {
+                let op = if a % 2 == 0 {
+                    kiln_ir::ops::ArgOp::Max
+                } else {
+                    kiln_ir::ops::ArgOp::Min
+                };
+                match g.add_node(
+                    &format!("arg{i}"),
+                    Op::Arg {
+                        op,
+                        axis: -1,
+                        keep_dims: true,
+                        select_last: b % 2 == 0,
+                    },
+                    &[first],
+                ) {
+                    Ok(index) => (Op::Cast { to: DType::F32 }, vec![index]),
+                    Err(_) => continue,
+                }
+            }
+            _ => (
+                Op::Fill {
+                    value: kiln_ir::Scalar::float(0.25),
+                    dtype: DType::F32,
+                    shape: g.node(first).ty.shape.clone(),
+                },
+                vec![],
             ),
         };
         if let Ok(id) = g.add_node(&format!("n{i}"), op, &operands) {
@@ -226,10 +311,16 @@ proptest! {
         let graph = random_graph(&steps);
         let inputs = random_inputs(&graph, seq);
         let mut jit = compile_jit(&graph).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let expected = interp::run(&graph, &inputs).unwrap();
-        let actual = jit.run(&inputs).unwrap();
-        for ((name, a), (_, e)) in actual.iter().zip(&expected) {
-            assert_close(a, e, &format!("{name} of\n{}", kiln_ir::text::print(&graph)));
+        match (interp::run(&graph, &inputs), jit.run(&inputs)) {
+            (Ok(expected), Ok(actual)) => {
+                for ((name, a), (_, e)) in actual.iter().zip(&expected) {
+                    assert_close(a, e, &format!("{name} of\n{}", kiln_ir::text::print(&graph)));
+                }
+            }
+            (Err(_), Err(_)) => {}
+            (expected, actual) => {
+                return Err(TestCaseError::fail(format!("interpreter {:?} but JIT {:?}", expected.map(|_| ()), actual.map(|_| ()))));
+            }
         }
     }
 }
