@@ -24,12 +24,16 @@ const INDEX_OUT_OF_RANGE: i64 = 2;
 /// Status: arg_max or arg_min over an axis of size 0.
 const EMPTY_AXIS: i64 = 3;
 
+/// Status: rope over an odd head dim.
+const ODD_HEAD_DIM: i64 = 4;
+
 /// The message of a kernel's non-zero status.
 pub(crate) fn status_message(status: i32) -> String {
     match i64::from(status) {
         DIVISION_BY_ZERO => "integer division by zero".into(),
         INDEX_OUT_OF_RANGE => "gather index out of range".into(),
         EMPTY_AXIS => "arg_max/arg_min over an empty axis".into(),
+        ODD_HEAD_DIM => "rope head_dim must be even".into(),
         other => format!("kernel failed with status {other}"),
     }
 }
@@ -72,7 +76,7 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
             ),
             _ => false,
         },
-        Op::MatMul => input_dtype == DType::F32 && operands.iter().all(|t| t.rank() >= 2),
+        Op::MatMul | Op::Gemm(_) => input_dtype == DType::F32,
         Op::Softmax { .. } | Op::Reduce { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
             input_dtype == DType::F32
         }
@@ -83,7 +87,11 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
         | Op::Slice { .. }
         | Op::Gather { .. } => true,
         Op::GatherNd { batch_dims } => *batch_dims == 0,
-        Op::Gemm(_) | Op::Attention(_) | Op::Rope { .. } => false,
+        Op::Attention(a) => {
+            input_dtype == DType::F32
+                && !matches!(a.mask, kiln_ir::ops::MaskSpec::BlockSparse { .. })
+        }
+        Op::Rope { .. } => input_dtype == DType::F32,
     }
 }
 
@@ -307,9 +315,20 @@ impl<'b> Kernel<'b> {
     }
 
     fn call(&mut self, symbol: &str, args: &[Value]) -> Result<Value, String> {
+        let params = vec![types::F32; args.len()];
+        self.call_typed(symbol, &params, args)
+    }
+
+    /// Calls a runtime function returning f32.
+    fn call_typed(
+        &mut self,
+        symbol: &str,
+        params: &[Type],
+        args: &[Value],
+    ) -> Result<Value, String> {
         let mut sig = self.module.make_signature();
-        for _ in args {
-            sig.params.push(AbiParam::new(types::F32));
+        for &ty in params {
+            sig.params.push(AbiParam::new(ty));
         }
         sig.returns.push(AbiParam::new(types::F32));
         let callee = self
@@ -367,7 +386,29 @@ impl<'b> Kernel<'b> {
                     Ok(())
                 })
             }
-            Op::MatMul => self.matmul(&node.ty, &operands, out, &inputs),
+            Op::MatMul => {
+                let plain = kiln_ir::ops::Gemm {
+                    trans_b: false,
+                    bias: false,
+                    activation: None,
+                    residual: false,
+                };
+                self.gemm(&node.ty, &operands, out, &inputs, plain)
+            }
+            Op::Gemm(epilogue) => self.gemm(&node.ty, &operands, out, &inputs, *epilogue),
+            Op::Attention(attention) => {
+                let scratch = self.buffer(plan.scratch_slot());
+                self.attention(attention, &operands, out, &inputs, scratch)
+            }
+            Op::Rope { theta, interleaved } => self.rope(
+                &node.ty,
+                operands[1],
+                theta.0,
+                *interleaved,
+                out,
+                inputs[0],
+                inputs[1],
+            ),
             Op::Softmax { axis } => self.softmax(&node.ty, *axis, out, inputs[0]),
             Op::Reduce {
                 op,
@@ -631,31 +672,49 @@ impl<'b> Kernel<'b> {
         }
     }
 
-    fn matmul(
+    /// `out = activation(a @ b + bias) + residual`, numpy matmul semantics (batch broadcast,
+    /// 1-D operands promoted), `b` optionally stored transposed; f32 accumulation.
+    fn gemm(
         &mut self,
         ty: &TensorType,
         operands: &[&TensorType],
         out: Value,
         inputs: &[Value],
+        epilogue: kiln_ir::ops::Gemm,
     ) -> Result<(), String> {
         let (a_ty, b_ty) = (operands[0], operands[1]);
-        let out_dims = self.dims(ty);
         let a_dims = self.dims(a_ty);
         let b_dims = self.dims(b_ty);
-        let rank = ty.rank();
-        let (m, n, kk) = (
-            out_dims[rank - 2],
-            out_dims[rank - 1],
-            a_dims[a_dims.len() - 1],
-        );
-        let batch = rank - 2;
+        let out_dims = self.dims(ty);
+        let one = self.iconst(1);
+        let (a_rank, b_rank) = (a_ty.rank(), b_ty.rank());
+        let m = if a_rank >= 2 { a_dims[a_rank - 2] } else { one };
+        let kk = a_dims[a_rank - 1];
+        let n = if b_rank < 2 {
+            one
+        } else if epilogue.trans_b {
+            b_dims[b_rank - 2]
+        } else {
+            b_dims[b_rank - 1]
+        };
+        // Element strides of b along k and n.
+        let (b_k, b_n) = if b_rank < 2 {
+            (one, one)
+        } else if epilogue.trans_b {
+            (one, kk)
+        } else {
+            (n, one)
+        };
+        let matrix_axes = usize::from(a_rank >= 2) + usize::from(b_rank >= 2);
+        let batch = out_dims.len() - matrix_axes;
         let mn = self.b.ins().imul(m, n);
         let mk = self.b.ins().imul(m, kk);
         let kn = self.b.ins().imul(kk, n);
-        // Batch strides in whole matrices, broadcast where an operand has size 1 or no axis.
-        let matrix_strides =
+        // Batch strides in whole matrices, 0 where an operand broadcasts.
+        let batch_strides =
             |k: &mut Self, operand: &TensorType, dims: &[Value], matrix: Value| -> Vec<Value> {
-                let lead = batch - (operand.rank() - 2);
+                let operand_batch = operand.rank().saturating_sub(2);
+                let lead = batch - operand_batch;
                 let zero = k.iconst(0);
                 let mut strides = vec![zero; batch];
                 let mut stride = matrix;
@@ -669,17 +728,47 @@ impl<'b> Kernel<'b> {
                 }
                 strides
             };
-        let out_batch = matrix_strides(self, ty, &out_dims, mn);
-        let a_batch = matrix_strides(self, a_ty, &a_dims, mk);
-        let b_batch = matrix_strides(self, b_ty, &b_dims, kn);
+        let out_batch = {
+            let mut strides = vec![mn; batch];
+            for axis in (0..batch.saturating_sub(1)).rev() {
+                strides[axis] = self.b.ins().imul(strides[axis + 1], out_dims[axis + 1]);
+            }
+            strides
+        };
+        let a_batch = batch_strides(self, a_ty, &a_dims, mk);
+        let b_batch = batch_strides(self, b_ty, &b_dims, kn);
+        let mut next = 2;
+        let bias = if epilogue.bias {
+            next += 1;
+            let full = self.broadcast_strides(operands[2], ty.rank());
+            Some((inputs[2], full))
+        } else {
+            None
+        };
+        let residual = epilogue.residual.then(|| inputs[next]);
+        // Bias strides split into batch axes and the (m, n) axes, which may be absent.
         let zero = self.iconst(0);
+        let (bias_ptr, bias_batch, bias_m, bias_n) = match &bias {
+            Some((ptr, full)) => {
+                let rank = full.len();
+                let bias_m = if a_rank >= 2 {
+                    full[rank - matrix_axes]
+                } else {
+                    zero
+                };
+                let bias_n = if b_rank >= 2 { full[rank - 1] } else { zero };
+                (Some(*ptr), full[..batch].to_vec(), bias_m, bias_n)
+            }
+            None => (None, vec![zero; batch], zero, zero),
+        };
         let (a, bm) = (inputs[0], inputs[1]);
+        let activation = epilogue.activation;
         self.nest(
             &out_dims[..batch],
-            &[out_batch, a_batch, b_batch],
-            vec![zero, zero, zero],
+            &[out_batch, a_batch, b_batch, bias_batch],
+            vec![zero, zero, zero, zero],
             &mut |k, bases| {
-                let (ob, ab, bb) = (bases[0], bases[1], bases[2]);
+                let (ob, ab, bb, cb) = (bases[0], bases[1], bases[2], bases[3]);
                 k.for_range(m, &mut |k, i| {
                     k.for_range(n, &mut |k, j| {
                         let acc = k.b.declare_var(types::F32);
@@ -689,9 +778,10 @@ impl<'b> Kernel<'b> {
                             let row = k.b.ins().imul(i, kk);
                             let a_at = k.b.ins().iadd(ab, row);
                             let a_at = k.b.ins().iadd(a_at, p);
-                            let col = k.b.ins().imul(p, n);
-                            let b_at = k.b.ins().iadd(bb, col);
-                            let b_at = k.b.ins().iadd(b_at, j);
+                            let pk = k.b.ins().imul(p, b_k);
+                            let jn = k.b.ins().imul(j, b_n);
+                            let b_at = k.b.ins().iadd(bb, pk);
+                            let b_at = k.b.ins().iadd(b_at, jn);
                             let x = k.load(a, a_at, DType::F32);
                             let y = k.load(bm, b_at, DType::F32);
                             let product = k.b.ins().fmul(x, y);
@@ -703,8 +793,23 @@ impl<'b> Kernel<'b> {
                         let row = k.b.ins().imul(i, n);
                         let at = k.b.ins().iadd(ob, row);
                         let at = k.b.ins().iadd(at, j);
-                        let sum = k.b.use_var(acc);
-                        k.store(out, at, DType::F32, sum);
+                        let mut value = k.b.use_var(acc);
+                        if let Some(bias_ptr) = bias_ptr {
+                            let im = k.b.ins().imul(i, bias_m);
+                            let jn = k.b.ins().imul(j, bias_n);
+                            let c_at = k.b.ins().iadd(cb, im);
+                            let c_at = k.b.ins().iadd(c_at, jn);
+                            let c = k.load(bias_ptr, c_at, DType::F32);
+                            value = k.b.ins().fadd(value, c);
+                        }
+                        if let Some(f) = activation {
+                            value = k.unary(f, DType::F32, value)?;
+                        }
+                        if let Some(residual) = residual {
+                            let r = k.load(residual, at, DType::F32);
+                            value = k.b.ins().fadd(value, r);
+                        }
+                        k.store(out, at, DType::F32, value);
                         Ok(())
                     })
                 })
@@ -1292,5 +1397,241 @@ impl<'b> Kernel<'b> {
                 Ok(())
             },
         )
+    }
+
+    /// Whether the static mask lets position `pos` see key `key` (both i64).
+    fn mask_allows(&mut self, mask: &kiln_ir::ops::MaskSpec, pos: Value, key: Value) -> Value {
+        use kiln_ir::ops::MaskSpec;
+        match mask {
+            MaskSpec::Dense | MaskSpec::BlockSparse { .. } => self.b.ins().iconst(types::I8, 1),
+            MaskSpec::Causal => self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos),
+            MaskSpec::SlidingWindow { window } => {
+                let causal = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos);
+                let reach = self.b.ins().iadd_imm_s(key, i64::from(*window));
+                let near = self.b.ins().icmp(IntCC::SignedLessThan, pos, reach);
+                self.b.ins().band(causal, near)
+            }
+            MaskSpec::GlobalLocal { global, window } => {
+                let global_pos =
+                    self.b
+                        .ins()
+                        .icmp_imm_s(IntCC::SignedLessThan, pos, i64::from(*global));
+                let global_key =
+                    self.b
+                        .ins()
+                        .icmp_imm_s(IntCC::SignedLessThan, key, i64::from(*global));
+                let diff = self.b.ins().isub(pos, key);
+                let negated = self.b.ins().ineg(diff);
+                let distance = self.b.ins().smax(diff, negated);
+                let local =
+                    self.b
+                        .ins()
+                        .icmp_imm_s(IntCC::SignedLessThan, distance, i64::from(*window));
+                let either = self.b.ins().bor(global_pos, global_key);
+                self.b.ins().bor(either, local)
+            }
+        }
+    }
+
+    /// Materialized attention, one query row at a time: scores into the scratch row, softmax
+    /// over the visible keys, then the weighted values. A row with no visible key gives zeros.
+    fn attention(
+        &mut self,
+        attention: &kiln_ir::ops::Attention,
+        operands: &[&TensorType],
+        out: Value,
+        inputs: &[Value],
+        scratch: Value,
+    ) -> Result<(), String> {
+        let (q_dims, k_dims, v_dims) = (
+            self.dims(operands[0]),
+            self.dims(operands[1]),
+            self.dims(operands[2]),
+        );
+        let (batch, heads, sq, d) = (q_dims[0], q_dims[1], q_dims[2], q_dims[3]);
+        let (kv_heads, sk, dv) = (k_dims[1], k_dims[2], v_dims[3]);
+        let group = self.b.ins().sdiv(heads, kv_heads);
+        let offset = self.b.ins().isub(sk, sq);
+        let mask = operands.get(3).map(|ty| {
+            let strides = self.broadcast_strides(ty, 4);
+            (inputs[3], ty.dtype, strides)
+        });
+        let (q, k_ptr, v) = (inputs[0], inputs[1], inputs[2]);
+        let scale = attention.scale.0;
+        let spec = attention.mask.clone();
+        self.for_range(batch, &mut |k, bi| {
+            k.for_range(heads, &mut |k, hi| {
+                let kh = k.b.ins().sdiv(hi, group);
+                k.for_range(sq, &mut |k, i| {
+                    let pos = k.b.ins().iadd(i, offset);
+                    // q row: ((bi * heads + hi) * sq + i) * d
+                    let bh = k.b.ins().imul(bi, heads);
+                    let bh = k.b.ins().iadd(bh, hi);
+                    let q_row = k.b.ins().imul(bh, sq);
+                    let q_row = k.b.ins().iadd(q_row, i);
+                    let q_row = k.b.ins().imul(q_row, d);
+                    let bk = k.b.ins().imul(bi, kv_heads);
+                    let bk = k.b.ins().iadd(bk, kh);
+                    let kv_base = k.b.ins().imul(bk, sk);
+                    let max = k.b.declare_var(types::F32);
+                    let minus_inf = k.b.ins().f32const(f32::NEG_INFINITY);
+                    k.b.def_var(max, minus_inf);
+                    k.for_range(sk, &mut |k, j| {
+                        let mut allowed = k.mask_allows(&spec, pos, j);
+                        let dot = k.b.declare_var(types::F32);
+                        let zero = k.b.ins().f32const(0.0);
+                        k.b.def_var(dot, zero);
+                        let k_row = k.b.ins().iadd(kv_base, j);
+                        let k_row = k.b.ins().imul(k_row, d);
+                        k.for_range(d, &mut |k, c| {
+                            let qa = k.b.ins().iadd(q_row, c);
+                            let ka = k.b.ins().iadd(k_row, c);
+                            let x = k.load(q, qa, DType::F32);
+                            let y = k.load(k_ptr, ka, DType::F32);
+                            let p = k.b.ins().fmul(x, y);
+                            let s = k.b.use_var(dot);
+                            let s = k.b.ins().fadd(s, p);
+                            k.b.def_var(dot, s);
+                            Ok(())
+                        })?;
+                        let s = k.b.use_var(dot);
+                        let scale = k.b.ins().f32const(scale);
+                        let mut score = k.b.ins().fmul(s, scale);
+                        if let Some((m_ptr, m_dtype, strides)) = &mask {
+                            let mut at = k.b.ins().imul(bi, strides[0]);
+                            for (index, stride) in
+                                [(hi, strides[1]), (i, strides[2]), (j, strides[3])]
+                            {
+                                let step = k.b.ins().imul(index, stride);
+                                at = k.b.ins().iadd(at, step);
+                            }
+                            let m = k.load(*m_ptr, at, *m_dtype);
+                            if *m_dtype == DType::Bool {
+                                let keep = k.b.ins().icmp_imm_s(IntCC::NotEqual, m, 0);
+                                allowed = k.b.ins().band(allowed, keep);
+                            } else {
+                                score = k.b.ins().fadd(score, m);
+                            }
+                        }
+                        let score = k.b.ins().select(allowed, score, minus_inf);
+                        k.store(scratch, j, DType::F32, score);
+                        let current = k.b.use_var(max);
+                        let bigger = k.b.ins().fmax(current, score);
+                        k.b.def_var(max, bigger);
+                        Ok(())
+                    })?;
+                    let sum = k.b.declare_var(types::F32);
+                    let zero = k.b.ins().f32const(0.0);
+                    k.b.def_var(sum, zero);
+                    let m = k.b.use_var(max);
+                    k.for_range(sk, &mut |k, j| {
+                        let score = k.load(scratch, j, DType::F32);
+                        let hidden = k.b.ins().fcmp(FloatCC::Equal, score, minus_inf);
+                        let shifted = k.b.ins().fsub(score, m);
+                        let e = k.call("kiln_exp", &[shifted])?;
+                        let zero = k.b.ins().f32const(0.0);
+                        let weight = k.b.ins().select(hidden, zero, e);
+                        k.store(scratch, j, DType::F32, weight);
+                        let total = k.b.use_var(sum);
+                        let total = k.b.ins().fadd(total, weight);
+                        k.b.def_var(sum, total);
+                        Ok(())
+                    })?;
+                    let total = k.b.use_var(sum);
+                    let out_row = k.b.ins().imul(bh, sq);
+                    let out_row = k.b.ins().iadd(out_row, i);
+                    let out_row = k.b.ins().imul(out_row, dv);
+                    k.for_range(dv, &mut |k, c| {
+                        let acc = k.b.declare_var(types::F32);
+                        let zero = k.b.ins().f32const(0.0);
+                        k.b.def_var(acc, zero);
+                        k.for_range(sk, &mut |k, j| {
+                            let w = k.load(scratch, j, DType::F32);
+                            let v_at = k.b.ins().iadd(kv_base, j);
+                            let v_at = k.b.ins().imul(v_at, dv);
+                            let v_at = k.b.ins().iadd(v_at, c);
+                            let x = k.load(v, v_at, DType::F32);
+                            let p = k.b.ins().fmul(w, x);
+                            let a = k.b.use_var(acc);
+                            let a = k.b.ins().fadd(a, p);
+                            k.b.def_var(acc, a);
+                            Ok(())
+                        })?;
+                        let a = k.b.use_var(acc);
+                        let zero = k.b.ins().f32const(0.0);
+                        let any = k.b.ins().fcmp(FloatCC::GreaterThan, total, zero);
+                        let value = k.b.ins().fdiv(a, total);
+                        let value = k.b.ins().select(any, value, zero);
+                        let at = k.b.ins().iadd(out_row, c);
+                        k.store(out, at, DType::F32, value);
+                        Ok(())
+                    })
+                })
+            })
+        })
+    }
+
+    /// Rotary embedding of `[b, h, s, d]` at positions broadcast to `[b, s]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &mut self,
+        ty: &TensorType,
+        positions_ty: &TensorType,
+        theta: f32,
+        interleaved: bool,
+        out: Value,
+        x: Value,
+        positions: Value,
+    ) -> Result<(), String> {
+        let dims = self.dims(ty);
+        let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
+        let position_ty = TensorType::new(
+            positions_ty.dtype,
+            kiln_ir::Shape(positions_ty.shape.0.clone()),
+        );
+        let position_strides = self.broadcast_strides(&position_ty, 2);
+        let half = self.b.ins().sdiv_imm_s(d, 2);
+        let odd = self.b.ins().band_imm_s(d, 1);
+        let is_odd = self.b.ins().icmp_imm_s(IntCC::NotEqual, odd, 0);
+        self.fail_if(is_odd, ODD_HEAD_DIM);
+        let position_dtype = positions_ty.dtype;
+        self.for_range(batch, &mut |k, bi| {
+            k.for_range(heads, &mut |k, hi| {
+                k.for_range(seq, &mut |k, si| {
+                    let p_at = k.b.ins().imul(bi, position_strides[0]);
+                    let step = k.b.ins().imul(si, position_strides[1]);
+                    let p_at = k.b.ins().iadd(p_at, step);
+                    let raw = k.load(positions, p_at, position_dtype);
+                    let pos = k.cast(raw, position_dtype, DType::I64);
+                    let row = k.b.ins().imul(bi, heads);
+                    let row = k.b.ins().iadd(row, hi);
+                    let row = k.b.ins().imul(row, seq);
+                    let row = k.b.ins().iadd(row, si);
+                    let base = k.b.ins().imul(row, d);
+                    k.for_range(half, &mut |k, pair| {
+                        let theta = k.b.ins().f32const(theta);
+                        let params = [types::I64, types::I64, types::I64, types::F32];
+                        let cos = k.call_typed("kiln_rope_cos", &params, &[pos, pair, d, theta])?;
+                        let sin = k.call_typed("kiln_rope_sin", &params, &[pos, pair, d, theta])?;
+                        let (first, second) = if interleaved {
+                            let twice = k.b.ins().imul_imm_s(pair, 2);
+                            (twice, k.b.ins().iadd_imm_s(twice, 1))
+                        } else {
+                            (pair, k.b.ins().iadd(pair, half))
+                        };
+                        let (a_at, b_at) =
+                            (k.b.ins().iadd(base, first), k.b.ins().iadd(base, second));
+                        let (a, b) = (k.load(x, a_at, DType::F32), k.load(x, b_at, DType::F32));
+                        let (a_cos, b_sin) = (k.b.ins().fmul(a, cos), k.b.ins().fmul(b, sin));
+                        let (b_cos, a_sin) = (k.b.ins().fmul(b, cos), k.b.ins().fmul(a, sin));
+                        let new_a = k.b.ins().fsub(a_cos, b_sin);
+                        let new_b = k.b.ins().fadd(b_cos, a_sin);
+                        k.store(out, a_at, DType::F32, new_a);
+                        k.store(out, b_at, DType::F32, new_b);
+                        Ok(())
+                    })
+                })
+            })
+        })
     }
 }

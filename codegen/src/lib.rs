@@ -197,6 +197,8 @@ impl JitModel {
             };
             table.push(pointer);
         }
+        // SAFETY: the scratch space lies at the end of the arena.
+        table.push(unsafe { arena.add(self.plan.scratch_offset()) });
         for &(index, kernel) in &self.kernels {
             // SAFETY: every pointer in `table` addresses a buffer at least as large as its node's
             // type at the maxima, the symbols are within their maxima (checked by bind_symbols),

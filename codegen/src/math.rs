@@ -60,8 +60,24 @@ binary_fns! {
     kiln_rem => BinaryOp::Rem,
 }
 
+/// The rotary angle of pair `pair` of `dim` at position `pos`: `pos * theta^(-2 pair / dim)`,
+/// in f64 as the interpreter computes it.
+fn rope_angle(pos: i64, pair: i64, dim: i64, theta: f32) -> f64 {
+    pos as f64 * f64::from(theta).powf(-2.0 * pair as f64 / dim as f64)
+}
+
+pub(crate) extern "C" fn kiln_rope_cos(pos: i64, pair: i64, dim: i64, theta: f32) -> f32 {
+    rope_angle(pos, pair, dim, theta).cos() as f32
+}
+
+pub(crate) extern "C" fn kiln_rope_sin(pos: i64, pair: i64, dim: i64, theta: f32) -> f32 {
+    rope_angle(pos, pair, dim, theta).sin() as f32
+}
+
 /// Makes the math functions callable from JIT code.
 pub(crate) fn register(builder: &mut JITBuilder) {
     register_unary(builder);
     register_binary(builder);
+    builder.symbol("kiln_rope_cos", kiln_rope_cos as *const u8);
+    builder.symbol("kiln_rope_sin", kiln_rope_sin as *const u8);
 }

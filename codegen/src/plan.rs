@@ -10,6 +10,7 @@ pub struct Plan {
     order: Vec<NodeId>,
     index: HashMap<NodeId, usize>,
     offsets: HashMap<NodeId, usize>,
+    scratch_offset: usize,
     arena_bytes: usize,
 }
 
@@ -24,6 +25,7 @@ impl Plan {
         let maxima = graph.maxima();
         let mut offsets = HashMap::new();
         let mut arena_bytes = 0usize;
+        let mut scratch_bytes = 0usize;
         for &id in &order {
             let node = graph.node(id);
             if matches!(node.op, Op::Input | Op::Constant { .. }) {
@@ -38,11 +40,21 @@ impl Plan {
                 .fold(node.ty.dtype.size_bytes(), usize::saturating_mul);
             offsets.insert(id, arena_bytes);
             arena_bytes = arena_bytes.saturating_add(bytes.div_ceil(ALIGN) * ALIGN);
+            if let Op::Attention(_) = node.op {
+                // One row of scores (f32) per key, shared by every attention node in turn.
+                let keys = graph.node(graph.operands(id)[1]).ty.shape.0[2]
+                    .bounds(&maxima)
+                    .map_or(0, |(_, hi)| hi.max(0) as usize);
+                scratch_bytes = scratch_bytes.max(keys.saturating_mul(4));
+            }
         }
+        let scratch_offset = arena_bytes;
+        let arena_bytes = arena_bytes.saturating_add(scratch_bytes.div_ceil(ALIGN) * ALIGN);
         Plan {
             order,
             index,
             offsets,
+            scratch_offset,
             arena_bytes,
         }
     }
@@ -60,6 +72,16 @@ impl Plan {
     /// Arena offset of a computed node.
     pub fn offset(&self, id: NodeId) -> usize {
         self.offsets[&id]
+    }
+
+    /// Arena offset of the scratch space kernels share (one at a time).
+    pub fn scratch_offset(&self) -> usize {
+        self.scratch_offset
+    }
+
+    /// The buffer-table slot of the scratch space: after every node's.
+    pub fn scratch_slot(&self) -> usize {
+        self.order.len()
     }
 
     /// Total arena size.

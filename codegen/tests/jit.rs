@@ -59,12 +59,37 @@ fn attention_block_matches_the_interpreter() {
 #[test]
 fn unsupported_ops_are_listed() {
     let graph = kiln_ir::text::parse(
-        "graph \"g\" {\n  input %x : f32[1, 1, 2, 4]\n  input %p : i64[2]\n  %y = rope(%x, %p) {theta = 10000.0, interleaved = false}\n  %z = attention(%y, %y, %y) {scale = 0.5, mask = causal, tile_q = 16, tile_k = 16}\n  output \"z\" = %z\n}",
+        "graph \"g\" {\n  input %x : f32[1, 1, 2, 4]\n  input %h : f16[4]\n  %z = attention(%x, %x, %x) {scale = 0.5, mask = block_sparse(block = 2, layout = [\"1\"]), tile_q = 16, tile_k = 16}\n  %e = exp(%h)\n  output \"z\" = %z\n  output \"e\" = %e\n}",
     )
     .unwrap();
     match compile_jit(&graph) {
-        Err(CodegenError::Unsupported(ops)) => assert_eq!(ops, ["attention", "rope"]),
+        Err(CodegenError::Unsupported(ops)) => {
+            assert_eq!(ops, ["attention", "exp on f16", "input on f16"])
+        }
         other => panic!("expected unsupported ops, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn attention_masks_and_rope_match_the_interpreter() {
+    for mask in [
+        "dense",
+        "causal",
+        "sliding_window(window = 2)",
+        "global_local(global = 1, window = 2)",
+    ] {
+        for runtime in ["", ", %keep", ", %bias"] {
+            check_text_graph(&format!(
+                "graph \"g\" {{\n  sym seq <= 6\n  input %q : f32[2, 4, seq, 4]\n  input %kv : f32[2, 2, seq, 4]\n  input %bias : f32[2, 1, 1, seq]\n  %zero = const \"zero\" [0.0] : f32[]\n  %keep = greater(%bias, %zero)\n  %z = attention(%q, %kv, %kv{runtime}) {{scale = 0.5, mask = {mask}, tile_q = 16, tile_k = 16}}\n  output \"z\" = %z\n}}"
+            ));
+        }
+    }
+    // One query against a longer cache: positions align to the end of the keys.
+    check_text_graph("graph \"g\" {\n  sym seq <= 6\n  input %q : f32[1, 2, 2, 4]\n  input %kv : f32[1, 1, seq, 4]\n  %z = attention(%q, %kv, %kv) {scale = 0.5, mask = sliding_window(window = 2), tile_q = 16, tile_k = 16}\n  output \"z\" = %z\n}");
+    for interleaved in [false, true] {
+        check_text_graph(&format!(
+            "graph \"g\" {{\n  sym seq <= 6\n  input %x : f32[2, 3, seq, 4]\n  %p = range {{start = 2, step = 1, len = seq, dtype = i64}}\n  %y = rope(%x, %p) {{theta = 10000.0, interleaved = {interleaved}}}\n  output \"y\" = %y\n}}"
+        ));
     }
 }
 
@@ -323,4 +348,38 @@ proptest! {
             }
         }
     }
+}
+
+/// Runs `src` on deterministic inputs through the JIT and the interpreter and compares.
+fn check_text_graph(src: &str) {
+    let graph = kiln_ir::text::parse(src).unwrap();
+    let inputs = random_inputs(&graph, 3);
+    let expected = interp::run(&graph, &inputs).unwrap();
+    let actual = compile_jit(&graph).unwrap().run(&inputs).unwrap();
+    for ((name, a), (_, e)) in actual.iter().zip(&expected) {
+        assert_close(a, e, name);
+    }
+}
+
+#[test]
+fn gemm_epilogues_and_vector_matmuls_match_the_interpreter() {
+    let weights = "[0.5, -0.25, 0.125, 1.0, 0.0, 0.75, -1.0, 0.25, 0.5, 0.5, -0.5, 0.0, 1.5, -0.75, 0.25, 0.125]";
+    for (trans_b, bias, activation, residual) in [
+        (true, true, "gelu", true),
+        (false, false, "none", false),
+        (false, true, "silu", false),
+        (true, false, "tanh", true),
+    ] {
+        let operands = format!(
+            "%a, %w{}{}",
+            if bias { ", %b" } else { "" },
+            if residual { ", %r" } else { "" }
+        );
+        check_text_graph(&format!(
+            "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %r : f32[2, 3, 4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %b = const \"b\" [0.5, -0.5, 0.25, 0.0] : f32[4]\n  %y = gemm({operands}) {{trans_b = {trans_b}, bias = {bias}, activation = {activation}, residual = {residual}}}\n  output \"y\" = %y\n  output \"r\" = %r\n  output \"bias\" = %b\n}}"
+        ));
+    }
+    check_text_graph(&format!(
+        "graph \"g\" {{\n  input %v : f32[4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %vm = matmul(%v, %w) : f32[4]\n  %mv = matmul(%w, %v) : f32[4]\n  %dot = matmul(%v, %v) : f32[]\n  output \"vm\" = %vm\n  output \"mv\" = %mv\n  output \"dot\" = %dot\n}}"
+    ));
 }
