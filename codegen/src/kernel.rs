@@ -27,6 +27,9 @@ const EMPTY_AXIS: i64 = 3;
 /// Status: rope over an odd head dim.
 const ODD_HEAD_DIM: i64 = 4;
 
+/// Status: a position outside a block-sparse layout.
+const OUTSIDE_LAYOUT: i64 = 5;
+
 /// The message of a kernel's non-zero status.
 pub(crate) fn status_message(status: i32) -> String {
     match i64::from(status) {
@@ -34,6 +37,7 @@ pub(crate) fn status_message(status: i32) -> String {
         INDEX_OUT_OF_RANGE => "gather index out of range".into(),
         EMPTY_AXIS => "arg_max/arg_min over an empty axis".into(),
         ODD_HEAD_DIM => "rope head_dim must be even".into(),
+        OUTSIDE_LAYOUT => "block_sparse layout has no tile for a query or key position".into(),
         other => format!("kernel failed with status {other}"),
     }
 }
@@ -133,6 +137,7 @@ pub(crate) fn build(
         let mut k = Kernel {
             b,
             module,
+            slot: plan.index(id),
             buffers,
             symbols,
             symbol_index: graph
@@ -166,6 +171,8 @@ type NestBody<'f, 'b> = dyn FnMut(&mut Kernel<'b>, &[Value]) -> Result<(), Strin
 struct Kernel<'a> {
     b: FunctionBuilder<'a>,
     module: &'a mut JITModule,
+    /// The node's slot, which names the data objects it defines.
+    slot: usize,
     buffers: Value,
     symbols: Value,
     symbol_index: HashMap<String, usize>,
@@ -1400,10 +1407,48 @@ impl<'b> Kernel<'b> {
     }
 
     /// Whether the static mask lets position `pos` see key `key` (both i64).
-    fn mask_allows(&mut self, mask: &kiln_ir::ops::MaskSpec, pos: Value, key: Value) -> Value {
+    fn mask_allows(
+        &mut self,
+        mask: &kiln_ir::ops::MaskSpec,
+        pos: Value,
+        key: Value,
+        layout: Option<Value>,
+    ) -> Result<Value, String> {
         use kiln_ir::ops::MaskSpec;
-        match mask {
-            MaskSpec::Dense | MaskSpec::BlockSparse { .. } => self.b.ins().iconst(types::I8, 1),
+        Ok(match mask {
+            MaskSpec::Dense => self.b.ins().iconst(types::I8, 1),
+            MaskSpec::BlockSparse {
+                block,
+                layout: rows,
+            } => {
+                // Tile (pos / block, key / block) of the row-major layout bitmap, bounds-checked.
+                let (qb, kb) = (
+                    self.b.ins().sdiv_imm_s(pos, i64::from(*block)),
+                    self.b.ins().sdiv_imm_s(key, i64::from(*block)),
+                );
+                let cols = rows.first().map_or(0, Vec::len) as i64;
+                let below = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, pos, 0);
+                let q_out =
+                    self.b
+                        .ins()
+                        .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, qb, rows.len() as i64);
+                let k_out = self
+                    .b
+                    .ins()
+                    .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, kb, cols);
+                let outside = self.b.ins().bor(below, q_out);
+                let outside = self.b.ins().bor(outside, k_out);
+                self.fail_if(outside, OUTSIDE_LAYOUT);
+                let base = layout.ok_or("block_sparse mask without its layout")?;
+                let row = self.b.ins().imul_imm_s(qb, cols);
+                let at = self.b.ins().iadd(row, kb);
+                let at = self.b.ins().iadd(base, at);
+                let bit =
+                    self.b
+                        .ins()
+                        .load(types::I8, MemFlagsData::trusted().with_readonly(), at, 0);
+                self.b.ins().icmp_imm_s(IntCC::NotEqual, bit, 0)
+            }
             MaskSpec::Causal => self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos),
             MaskSpec::SlidingWindow { window } => {
                 let causal = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos);
@@ -1430,7 +1475,36 @@ impl<'b> Kernel<'b> {
                 let either = self.b.ins().bor(global_pos, global_key);
                 self.b.ins().bor(either, local)
             }
+        })
+    }
+
+    /// The block-sparse layout as a read-only data object of this kernel (one byte per tile,
+    /// row-major), or `None` for other masks.
+    fn layout_table(&mut self, mask: &kiln_ir::ops::MaskSpec) -> Result<Option<Value>, String> {
+        let kiln_ir::ops::MaskSpec::BlockSparse { layout, .. } = mask else {
+            return Ok(None);
+        };
+        let cols = layout.first().map_or(0, Vec::len);
+        if layout.iter().any(|row| row.len() != cols) {
+            return Err("block_sparse layout rows differ in length".into());
         }
+        let bytes: Vec<u8> = layout.iter().flatten().map(|&b| u8::from(b)).collect();
+        let id = self
+            .module
+            .declare_data(
+                &format!("layout_{}", self.slot),
+                Linkage::Local,
+                false,
+                false,
+            )
+            .map_err(|e| e.to_string())?;
+        let mut data = cranelift_module::DataDescription::new();
+        data.define(bytes.into_boxed_slice());
+        self.module
+            .define_data(id, &data)
+            .map_err(|e| e.to_string())?;
+        let global = self.module.declare_data_in_func(id, self.b.func);
+        Ok(Some(self.b.ins().symbol_value(types::I64, global)))
     }
 
     /// Materialized attention, one query row at a time: scores into the scratch row, softmax
@@ -1459,6 +1533,7 @@ impl<'b> Kernel<'b> {
         let (q, k_ptr, v) = (inputs[0], inputs[1], inputs[2]);
         let scale = attention.scale.0;
         let spec = attention.mask.clone();
+        let layout = self.layout_table(&spec)?;
         self.for_range(batch, &mut |k, bi| {
             k.for_range(heads, &mut |k, hi| {
                 let kh = k.b.ins().sdiv(hi, group);
@@ -1477,7 +1552,7 @@ impl<'b> Kernel<'b> {
                     let minus_inf = k.b.ins().f32const(f32::NEG_INFINITY);
                     k.b.def_var(max, minus_inf);
                     k.for_range(sk, &mut |k, j| {
-                        let mut allowed = k.mask_allows(&spec, pos, j);
+                        let mut allowed = k.mask_allows(&spec, pos, j, layout)?;
                         let dot = k.b.declare_var(types::F32);
                         let zero = k.b.ins().f32const(0.0);
                         k.b.def_var(dot, zero);
