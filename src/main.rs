@@ -32,6 +32,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time a model: one-time load and compile costs, then the latency of `run` after warm-up.
+    Bench {
+        /// An `.onnx` file, a safetensors model directory, a `.gguf` or a `.kir` file.
+        model: PathBuf,
+        /// Input dims: `input_ids=1x128`, or symbolic with maxima `input_ids=batch:8xseq:512`.
+        #[arg(long = "shape", value_name = "INPUT=DIMS")]
+        shapes: Vec<String>,
+        /// Inputs to run on; without it, every input is filled (integers with 1, floats with 0.5)
+        /// at its symbols' `--dim` values or maxima.
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// Bind a symbolic dim of the synthetic inputs, e.g. `--dim seq=128`.
+        #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_binding)]
+        dims: Vec<(String, i64)>,
+        /// Timed runs.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Threads (the JIT runs on one so far).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// How to execute the model.
+        #[arg(long, value_enum, default_value_t = Backend::Jit)]
+        backend: Backend,
+    },
     /// Report which of a model's ops kiln supports (ONNX), or whether it loads (other formats).
     Check {
         /// An `.onnx` file, a safetensors model directory, a `.gguf` or a `.kir` file.
@@ -101,6 +128,105 @@ fn inspect(model: &Path, shapes: &[String], dims: &[(String, i64)], as_json: boo
     let summary = Summary::of(&graph, &bindings).context("counting FLOPs")?;
     print!("{}", text::print(&graph));
     println!("{summary}");
+    Ok(())
+}
+
+/// Inputs for every graph input at the given symbol values (maxima otherwise): integers 1
+/// (a valid token id, type id and unmasked position), floats 0.5.
+fn synthetic_inputs(graph: &Graph, dims: &[(String, i64)]) -> Result<HashMap<String, Tensor>> {
+    let mut bindings = graph.maxima();
+    bindings.extend(dims.iter().cloned());
+    graph
+        .inputs()
+        .iter()
+        .map(|&id| {
+            let node = graph.node(id);
+            let shape = node
+                .ty
+                .shape
+                .eval(&bindings)
+                .with_context(|| format!("input `{}`", node.name))?;
+            let numel: usize = shape.iter().product();
+            let tensor = if node.ty.dtype.is_float() {
+                Tensor::from_f64s(node.ty.dtype, shape, vec![0.5; numel])
+            } else {
+                Tensor::from_i64s(node.ty.dtype, shape, vec![1; numel])
+            };
+            Ok((node.name.clone(), tensor))
+        })
+        .collect()
+}
+
+/// The `q`-quantile of sorted values, by nearest rank.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    model: &Path,
+    shapes: &[String],
+    inputs: Option<&Path>,
+    dims: &[(String, i64)],
+    iters: usize,
+    warmup: usize,
+    threads: usize,
+    backend: Backend,
+) -> Result<()> {
+    if threads != 1 {
+        bail!("--threads {threads}: kiln runs models on one thread so far");
+    }
+    if iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let started = std::time::Instant::now();
+    let graph = load_model(model, shapes)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let feed = match inputs {
+        Some(path) => kiln_ir::load_tensors(path)?.into_iter().collect(),
+        None => synthetic_inputs(&graph, dims)?,
+    };
+    let started = std::time::Instant::now();
+    let mut jit = match backend {
+        Backend::Jit => Some(kiln_codegen::compile_jit(&graph)?),
+        Backend::Interp => None,
+    };
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut run_once = || -> Result<()> {
+        match jit.as_mut() {
+            Some(jit) => jit.run(&feed).map(|_| ())?,
+            None => interp::run(&graph, &feed).map(|_| ())?,
+        }
+        Ok(())
+    };
+    for _ in 0..warmup {
+        run_once()?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let started = std::time::Instant::now();
+        run_once()?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let shapes: Vec<String> = feed.iter().map(|(name, t)| format!("{name}={t}")).collect();
+    println!(
+        "{} ({}), inputs {}",
+        model.display(),
+        match backend {
+            Backend::Jit => "jit",
+            Backend::Interp => "interp",
+        },
+        shapes.join(" ")
+    );
+    println!("load: {load_ms:.1} ms, compile: {compile_ms:.1} ms");
+    println!(
+        "run: median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({iters} runs after {warmup} warm-up, 1 thread)",
+        quantile(&times, 0.5),
+        quantile(&times, 0.1),
+        quantile(&times, 0.9)
+    );
     Ok(())
 }
 
@@ -179,6 +305,25 @@ fn main() -> ExitCode {
             json,
         } => inspect(model, shapes, dims, *json),
         Command::Check { model } => check(model),
+        Command::Bench {
+            model,
+            shapes,
+            inputs,
+            dims,
+            iters,
+            warmup,
+            threads,
+            backend,
+        } => bench(
+            model,
+            shapes,
+            inputs.as_deref(),
+            dims,
+            *iters,
+            *warmup,
+            *threads,
+            *backend,
+        ),
         Command::Run {
             model,
             shapes,

@@ -165,6 +165,20 @@ pub(crate) fn build(
     Ok(func_id)
 }
 
+/// What [`Kernel::gemm`] applies to each output: bias (pointer, batch base, strides along m and
+/// n), activation and residual.
+struct Finish {
+    bias: Option<(Value, Value, Value, Value)>,
+    activation: Option<UnaryOp>,
+    residual: Option<Value>,
+}
+
+impl Finish {
+    fn is_identity(&self) -> bool {
+        self.bias.is_none() && self.activation.is_none() && self.residual.is_none()
+    }
+}
+
 /// The body of a loop nest, given the current linear offsets.
 type NestBody<'f, 'b> = dyn FnMut(&mut Kernel<'b>, &[Value]) -> Result<(), String> + 'f;
 
@@ -271,9 +285,21 @@ impl<'b> Kernel<'b> {
         n: Value,
         body: &mut dyn FnMut(&mut Self, Value) -> Result<(), String>,
     ) -> Result<(), String> {
-        let counter = self.b.declare_var(types::I64);
         let zero = self.iconst(0);
-        self.b.def_var(counter, zero);
+        self.for_steps(zero, n, 1, body)
+    }
+
+    /// `for i in (start..end).step_by(step) { body(i) }`, stopping before `i >= end`.
+    fn for_steps(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self, Value) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let counter = self.b.declare_var(types::I64);
+        self.b.def_var(counter, start);
+        let n = end;
         let (header, inner, exit) = (
             self.b.create_block(),
             self.b.create_block(),
@@ -287,7 +313,7 @@ impl<'b> Kernel<'b> {
         self.b.switch_to_block(inner);
         body(self, i)?;
         let i = self.b.use_var(counter);
-        let next = self.b.ins().iadd_imm_s(i, 1);
+        let next = self.b.ins().iadd_imm_s(i, step);
         self.b.def_var(counter, next);
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(exit);
@@ -770,25 +796,86 @@ impl<'b> Kernel<'b> {
         };
         let (a, bm) = (inputs[0], inputs[1]);
         let activation = epilogue.activation;
+        // Rows of b are contiguous along n unless b is stored transposed or is a vector.
+        let contiguous_n = !epilogue.trans_b && b_rank >= 2;
         self.nest(
             &out_dims[..batch],
             &[out_batch, a_batch, b_batch, bias_batch],
             vec![zero, zero, zero, zero],
             &mut |k, bases| {
                 let (ob, ab, bb, cb) = (bases[0], bases[1], bases[2], bases[3]);
+                let finish = Finish {
+                    bias: bias_ptr.map(|p| (p, cb, bias_m, bias_n)),
+                    activation,
+                    residual,
+                };
                 k.for_range(m, &mut |k, i| {
+                    let out_row = k.b.ins().imul(i, n);
+                    let out_row = k.b.ins().iadd(ob, out_row);
+                    let a_row = k.b.ins().imul(i, kk);
+                    let a_row = k.b.ins().iadd(ab, a_row);
+                    if contiguous_n {
+                        // i-p-j order: the inner loop walks rows of b and of the output.
+                        k.for_range(n, &mut |k, j| {
+                            let at = k.b.ins().iadd(out_row, j);
+                            let zero = k.b.ins().f32const(0.0);
+                            k.store(out, at, DType::F32, zero);
+                            Ok(())
+                        })?;
+                        k.for_range(kk, &mut |k, p| {
+                            let a_at = k.b.ins().iadd(a_row, p);
+                            let x = k.load(a, a_at, DType::F32);
+                            let b_row = k.b.ins().imul(p, b_k);
+                            let b_row = k.b.ins().iadd(bb, b_row);
+                            // Four columns at a time (f32x4), then the remaining ones.
+                            let lanes = k.b.ins().splat(types::F32X4, x);
+                            let whole = k.b.ins().band_imm_s(n, !3);
+                            let zero = k.iconst(0);
+                            k.for_steps(zero, whole, 4, &mut |k, j| {
+                                let b_at = k.b.ins().iadd(b_row, j);
+                                let b_at = k.address(bm, b_at, DType::F32);
+                                let y = k.b.ins().load(types::F32X4, memory(), b_at, 0);
+                                let at = k.b.ins().iadd(out_row, j);
+                                let at = k.address(out, at, DType::F32);
+                                let sum = k.b.ins().load(types::F32X4, memory(), at, 0);
+                                let product = k.b.ins().fmul(lanes, y);
+                                let sum = k.b.ins().fadd(sum, product);
+                                k.b.ins().store(memory(), sum, at, 0);
+                                Ok(())
+                            })?;
+                            k.for_steps(whole, n, 1, &mut |k, j| {
+                                let b_at = k.b.ins().iadd(b_row, j);
+                                let y = k.load(bm, b_at, DType::F32);
+                                let at = k.b.ins().iadd(out_row, j);
+                                let sum = k.load(out, at, DType::F32);
+                                let product = k.b.ins().fmul(x, y);
+                                let sum = k.b.ins().fadd(sum, product);
+                                k.store(out, at, DType::F32, sum);
+                                Ok(())
+                            })
+                        })?;
+                        if finish.is_identity() {
+                            return Ok(());
+                        }
+                        return k.for_range(n, &mut |k, j| {
+                            let at = k.b.ins().iadd(out_row, j);
+                            let sum = k.load(out, at, DType::F32);
+                            let value = k.finish(&finish, sum, i, j, at)?;
+                            k.store(out, at, DType::F32, value);
+                            Ok(())
+                        });
+                    }
+                    // i-j-p order: each output is one dot product along contiguous k.
                     k.for_range(n, &mut |k, j| {
                         let acc = k.b.declare_var(types::F32);
                         let init = k.b.ins().f32const(0.0);
                         k.b.def_var(acc, init);
+                        let jn = k.b.ins().imul(j, b_n);
+                        let b_col = k.b.ins().iadd(bb, jn);
                         k.for_range(kk, &mut |k, p| {
-                            let row = k.b.ins().imul(i, kk);
-                            let a_at = k.b.ins().iadd(ab, row);
-                            let a_at = k.b.ins().iadd(a_at, p);
+                            let a_at = k.b.ins().iadd(a_row, p);
                             let pk = k.b.ins().imul(p, b_k);
-                            let jn = k.b.ins().imul(j, b_n);
-                            let b_at = k.b.ins().iadd(bb, pk);
-                            let b_at = k.b.ins().iadd(b_at, jn);
+                            let b_at = k.b.ins().iadd(b_col, pk);
                             let x = k.load(a, a_at, DType::F32);
                             let y = k.load(bm, b_at, DType::F32);
                             let product = k.b.ins().fmul(x, y);
@@ -797,31 +884,42 @@ impl<'b> Kernel<'b> {
                             k.b.def_var(acc, sum);
                             Ok(())
                         })?;
-                        let row = k.b.ins().imul(i, n);
-                        let at = k.b.ins().iadd(ob, row);
-                        let at = k.b.ins().iadd(at, j);
-                        let mut value = k.b.use_var(acc);
-                        if let Some(bias_ptr) = bias_ptr {
-                            let im = k.b.ins().imul(i, bias_m);
-                            let jn = k.b.ins().imul(j, bias_n);
-                            let c_at = k.b.ins().iadd(cb, im);
-                            let c_at = k.b.ins().iadd(c_at, jn);
-                            let c = k.load(bias_ptr, c_at, DType::F32);
-                            value = k.b.ins().fadd(value, c);
-                        }
-                        if let Some(f) = activation {
-                            value = k.unary(f, DType::F32, value)?;
-                        }
-                        if let Some(residual) = residual {
-                            let r = k.load(residual, at, DType::F32);
-                            value = k.b.ins().fadd(value, r);
-                        }
+                        let at = k.b.ins().iadd(out_row, j);
+                        let sum = k.b.use_var(acc);
+                        let value = k.finish(&finish, sum, i, j, at)?;
                         k.store(out, at, DType::F32, value);
                         Ok(())
                     })
                 })
             },
         )
+    }
+
+    /// The epilogue of one output element: bias, activation, residual.
+    fn finish(
+        &mut self,
+        finish: &Finish,
+        mut value: Value,
+        i: Value,
+        j: Value,
+        at: Value,
+    ) -> Result<Value, String> {
+        if let Some((bias, base, bias_m, bias_n)) = finish.bias {
+            let im = self.b.ins().imul(i, bias_m);
+            let jn = self.b.ins().imul(j, bias_n);
+            let c_at = self.b.ins().iadd(base, im);
+            let c_at = self.b.ins().iadd(c_at, jn);
+            let c = self.load(bias, c_at, DType::F32);
+            value = self.b.ins().fadd(value, c);
+        }
+        if let Some(f) = finish.activation {
+            value = self.unary(f, DType::F32, value)?;
+        }
+        if let Some(residual) = finish.residual {
+            let r = self.load(residual, at, DType::F32);
+            value = self.b.ins().fadd(value, r);
+        }
+        Ok(value)
     }
 
     /// The dims and strides of every axis but `axis`, and that axis's length and stride.
