@@ -221,11 +221,43 @@ fn real_model_formats_run_from_the_command_line() {
 
 #[test]
 fn bench_reports_costs_and_latency_quantiles() {
-    let result = kiln(&["bench", example("attention_block.kir").to_str().unwrap(), "--dim", "batch=1", "--dim", "seq=8", "--iters", "3", "--warmup", "1"]);
+    let result = kiln(&[
+        "bench",
+        example("attention_block.kir").to_str().unwrap(),
+        "--dim",
+        "batch=1",
+        "--dim",
+        "seq=8",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+    ]);
     let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    assert!(stdout.contains("inputs") && stdout.contains("x=f32[1, 8, 16]"), "{stdout}");
-    assert!(stdout.contains("load: ") && stdout.contains("compile: "), "{stdout}");
-    assert!(stdout.contains("run: median ") && stdout.contains(" p10 ") && stdout.contains(" p90 "), "{stdout}");
-    expect_error(&["bench", example("attention_block.kir").to_str().unwrap(), "--threads", "2"], "--threads 2: kiln runs models on one thread so far");
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains("inputs") && stdout.contains("x=f32[1, 8, 16]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("load: ") && stdout.contains("compile: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("run: median ") && stdout.contains(" p10 ") && stdout.contains(" p90 "),
+        "{stdout}"
+    );
+    expect_error(
+        &[
+            "bench",
+            example("attention_block.kir").to_str().unwrap(),
+            "--threads",
+            "2",
+        ],
+        "--threads 2: kiln runs models on one thread so far",
+    );
 }

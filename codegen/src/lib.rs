@@ -33,6 +33,9 @@ pub enum CodegenError {
         /// Cranelift's message.
         message: String,
     },
+    /// The graph's buffers cannot be planned (unbounded dims, too much memory).
+    #[error("{0}")]
+    Plan(String),
     /// The inputs do not fit the graph.
     #[error(transparent)]
     Inputs(#[from] interp::InterpError),
@@ -114,7 +117,7 @@ pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
     let mut builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
     math::register(&mut builder);
     let mut module = JITModule::new(builder);
-    let plan = Plan::new(graph);
+    let plan = Plan::new(graph).map_err(CodegenError::Plan)?;
     let mut ids = Vec::new();
     for (index, &id) in plan.order().iter().enumerate() {
         let node = graph.node(id);
@@ -162,6 +165,9 @@ impl JitModel {
         inputs: &HashMap<String, Tensor>,
     ) -> Result<Vec<(String, Tensor)>, CodegenError> {
         let bindings = interp::bind_symbols(&self.graph, inputs)?;
+        self.plan
+            .check(&self.graph, &bindings)
+            .map_err(CodegenError::Plan)?;
         let symbols: Vec<i64> = self
             .graph
             .symbols()

@@ -383,3 +383,15 @@ fn gemm_epilogues_and_vector_matmuls_match_the_interpreter() {
         "graph \"g\" {{\n  input %v : f32[4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %vm = matmul(%v, %w) : f32[4]\n  %mv = matmul(%w, %v) : f32[4]\n  %dot = matmul(%v, %v) : f32[]\n  output \"vm\" = %vm\n  output \"mv\" = %mv\n  output \"dot\" = %dot\n}}"
     ));
 }
+
+#[test]
+fn buffers_without_an_upper_bound_are_refused() {
+    let graph = kiln_ir::text::parse(
+        "graph \"g\" {\n  sym seq <= 8\n  input %x : f32[seq]\n  %y = fill {value = 1.0, dtype = f32, shape = [4/(seq-1)]}\n  output \"y\" = %y\n  output \"x\" = %x\n}",
+    )
+    .unwrap();
+    match compile_jit(&graph) {
+        Err(CodegenError::Plan(message)) => assert!(message.contains("has no upper bound"), "{message}"),
+        other => panic!("expected a planning error, got {:?}", other.map(|_| ())),
+    }
+}
