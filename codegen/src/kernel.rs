@@ -193,8 +193,10 @@ struct Kernel<'a> {
     fail: Block,
 }
 
+/// Flags of element accesses: they cannot trap (the plan keeps them in bounds) but need not be
+/// aligned (inputs and memory-mapped weights start anywhere).
 fn memory() -> MemFlagsData {
-    MemFlagsData::trusted()
+    MemFlagsData::new().with_notrap()
 }
 
 impl<'b> Kernel<'b> {
@@ -231,10 +233,32 @@ impl<'b> Kernel<'b> {
                     Dim::Add(..) => self.b.ins().iadd(x, y),
                     Dim::Sub(..) => self.b.ins().isub(x, y),
                     Dim::Mul(..) => self.b.ins().imul(x, y),
-                    _ => self.b.ins().sdiv(x, y),
+                    _ => self.floor_div(x, y),
                 }
             }
         }
+    }
+
+    /// `x / y` rounded down, as `Dim` arithmetic is everywhere else; a zero divisor fails the
+    /// kernel and `MIN / -1` wraps instead of trapping.
+    fn floor_div(&mut self, x: Value, y: Value) -> Value {
+        let zero = self.b.ins().icmp_imm_s(IntCC::Equal, y, 0);
+        self.fail_if(zero, DIVISION_BY_ZERO);
+        let minus_one = self.b.ins().icmp_imm_s(IntCC::Equal, y, -1);
+        let one = self.iconst(1);
+        let divisor = self.b.ins().select(minus_one, one, y);
+        let quotient = self.b.ins().sdiv(x, divisor);
+        let negated = self.b.ins().ineg(x);
+        let quotient = self.b.ins().select(minus_one, negated, quotient);
+        // Round toward negative infinity when the remainder is non-zero and the signs differ.
+        let product = self.b.ins().imul(quotient, y);
+        let inexact = self.b.ins().icmp(IntCC::NotEqual, product, x);
+        let x_negative = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, x, 0);
+        let y_negative = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, y, 0);
+        let signs_differ = self.b.ins().bxor(x_negative, y_negative);
+        let adjust = self.b.ins().band(inexact, signs_differ);
+        let adjust = self.b.ins().uextend(types::I64, adjust);
+        self.b.ins().isub(quotient, adjust)
     }
 
     fn dims(&mut self, ty: &TensorType) -> Vec<Value> {
@@ -271,7 +295,12 @@ impl<'b> Kernel<'b> {
 
     fn load(&mut self, base: Value, offset: Value, dtype: DType) -> Value {
         let at = self.address(base, offset, dtype);
-        self.b.ins().load(clif_type(dtype), memory(), at, 0)
+        let value = self.b.ins().load(clif_type(dtype), memory(), at, 0);
+        if dtype == DType::Bool {
+            // Any non-zero byte is true, as the interpreter reads it.
+            return self.b.ins().icmp_imm_s(IntCC::NotEqual, value, 0);
+        }
+        value
     }
 
     fn store(&mut self, base: Value, offset: Value, dtype: DType, value: Value) {
@@ -682,7 +711,11 @@ impl<'b> Kernel<'b> {
             _ => Some(self.b.ins().uextend(types::I64, x)),
         };
         match (wide, to) {
-            (Some(w), DType::F32) => self.b.ins().fcvt_from_sint(types::F32, w),
+            (Some(w), DType::F32) => {
+                // Through f64, rounding twice exactly as the interpreter's `as f64 as f32`.
+                let wide = self.b.ins().fcvt_from_sint(types::F64, w);
+                self.b.ins().fdemote(types::F32, wide)
+            }
             (Some(w), DType::I64) => w,
             (Some(w), _) => self.b.ins().ireduce(clif_type(to), w),
             (None, DType::I64 | DType::I32) => self.b.ins().fcvt_to_sint_sat(clif_type(to), x),
@@ -968,8 +1001,8 @@ impl<'b> Kernel<'b> {
                 k.b.def_var(max, m);
                 Ok(())
             })?;
-            let sum = k.b.declare_var(types::F32);
-            let zero_f = k.b.ins().f32const(0.0);
+            let sum = k.b.declare_var(types::F64);
+            let zero_f = k.b.ins().f64const(0.0);
             k.b.def_var(sum, zero_f);
             k.for_range(len, &mut |k, j| {
                 let o = at(k, j);
@@ -982,7 +1015,8 @@ impl<'b> Kernel<'b> {
                 )?;
                 k.store(out, o, DType::F32, e);
                 let s = k.b.use_var(sum);
-                let s = k.b.ins().fadd(s, e);
+                let wide = k.b.ins().fpromote(types::F64, e);
+                let s = k.b.ins().fadd(s, wide);
                 k.b.def_var(sum, s);
                 Ok(())
             })?;
@@ -990,7 +1024,9 @@ impl<'b> Kernel<'b> {
                 let o = at(k, j);
                 let e = k.load(out, o, DType::F32);
                 let s = k.b.use_var(sum);
+                let e = k.b.ins().fpromote(types::F64, e);
                 let p = k.b.ins().fdiv(e, s);
+                let p = k.b.ins().fdemote(types::F32, p);
                 k.store(out, o, DType::F32, p);
                 Ok(())
             })
@@ -1046,12 +1082,12 @@ impl<'b> Kernel<'b> {
             vec![zero, zero],
             &mut |k, bases| {
                 let (xb, ob) = (bases[0], bases[1]);
-                let acc = k.b.declare_var(types::F32);
-                let init = k.b.ins().f32const(match op {
+                let acc = k.b.declare_var(types::F64);
+                let init = k.b.ins().f64const(match op {
                     ReduceOp::Sum | ReduceOp::Mean => 0.0,
                     ReduceOp::Prod => 1.0,
-                    ReduceOp::Max => f32::NEG_INFINITY,
-                    ReduceOp::Min => f32::INFINITY,
+                    ReduceOp::Max => f64::NEG_INFINITY,
+                    ReduceOp::Min => f64::INFINITY,
                 });
                 k.b.def_var(acc, init);
                 k.nest(
@@ -1060,6 +1096,7 @@ impl<'b> Kernel<'b> {
                     vec![xb],
                     &mut |k, at| {
                         let v = k.load(x, at[0], DType::F32);
+                        let v = k.b.ins().fpromote(types::F64, v);
                         let a = k.b.use_var(acc);
                         let a = match op {
                             ReduceOp::Sum | ReduceOp::Mean => k.b.ins().fadd(a, v),
@@ -1073,9 +1110,10 @@ impl<'b> Kernel<'b> {
                 )?;
                 let mut result = k.b.use_var(acc);
                 if op == ReduceOp::Mean {
-                    let n = k.b.ins().fcvt_from_sint(types::F32, count);
+                    let n = k.b.ins().fcvt_from_sint(types::F64, count);
                     result = k.b.ins().fdiv(result, n);
                 }
+                let result = k.b.ins().fdemote(types::F32, result);
                 k.store(out, ob, DType::F32, result);
                 Ok(())
             },
@@ -1605,8 +1643,9 @@ impl<'b> Kernel<'b> {
         Ok(Some(self.b.ins().symbol_value(types::I64, global)))
     }
 
-    /// Materialized attention, one query row at a time: scores into the scratch row, softmax
-    /// over the visible keys, then the weighted values. A row with no visible key gives zeros.
+    /// Materialized attention, one query row at a time, as the interpreter defines it: scores
+    /// and visibility flags into the scratch rows, softmax over the visible keys (f64 sums), then
+    /// the weighted values. A row with no visible key gives zeros.
     fn attention(
         &mut self,
         attention: &kiln_ir::ops::Attention,
@@ -1622,7 +1661,7 @@ impl<'b> Kernel<'b> {
         );
         let (batch, heads, sq, d) = (q_dims[0], q_dims[1], q_dims[2], q_dims[3]);
         let (kv_heads, sk, dv) = (k_dims[1], k_dims[2], v_dims[3]);
-        let group = self.b.ins().sdiv(heads, kv_heads);
+        let group = self.floor_div(heads, kv_heads);
         let offset = self.b.ins().isub(sk, sq);
         let mask = operands.get(3).map(|ty| {
             let strides = self.broadcast_strides(ty, 4);
@@ -1632,12 +1671,13 @@ impl<'b> Kernel<'b> {
         let scale = attention.scale.0;
         let spec = attention.mask.clone();
         let layout = self.layout_table(&spec)?;
+        // Scratch: scores at [0, sk), visibility flags (1.0 or 0.0) at [sk, 2 sk).
+        let flags = sk;
         self.for_range(batch, &mut |k, bi| {
             k.for_range(heads, &mut |k, hi| {
-                let kh = k.b.ins().sdiv(hi, group);
+                let kh = k.floor_div(hi, group);
                 k.for_range(sq, &mut |k, i| {
                     let pos = k.b.ins().iadd(i, offset);
-                    // q row: ((bi * heads + hi) * sq + i) * d
                     let bh = k.b.ins().imul(bi, heads);
                     let bh = k.b.ins().iadd(bh, hi);
                     let q_row = k.b.ins().imul(bh, sq);
@@ -1646,13 +1686,16 @@ impl<'b> Kernel<'b> {
                     let bk = k.b.ins().imul(bi, kv_heads);
                     let bk = k.b.ins().iadd(bk, kh);
                     let kv_base = k.b.ins().imul(bk, sk);
-                    let max = k.b.declare_var(types::F32);
-                    let minus_inf = k.b.ins().f32const(f32::NEG_INFINITY);
+                    let max = k.b.declare_var(types::F64);
+                    let any = k.b.declare_var(types::I8);
+                    let minus_inf = k.b.ins().f64const(f64::NEG_INFINITY);
                     k.b.def_var(max, minus_inf);
+                    let none = k.b.ins().iconst(types::I8, 0);
+                    k.b.def_var(any, none);
                     k.for_range(sk, &mut |k, j| {
                         let mut allowed = k.mask_allows(&spec, pos, j, layout)?;
-                        let dot = k.b.declare_var(types::F32);
-                        let zero = k.b.ins().f32const(0.0);
+                        let dot = k.b.declare_var(types::F64);
+                        let zero = k.b.ins().f64const(0.0);
                         k.b.def_var(dot, zero);
                         let k_row = k.b.ins().iadd(kv_base, j);
                         let k_row = k.b.ins().imul(k_row, d);
@@ -1661,6 +1704,10 @@ impl<'b> Kernel<'b> {
                             let ka = k.b.ins().iadd(k_row, c);
                             let x = k.load(q, qa, DType::F32);
                             let y = k.load(k_ptr, ka, DType::F32);
+                            let (x, y) = (
+                                k.b.ins().fpromote(types::F64, x),
+                                k.b.ins().fpromote(types::F64, y),
+                            );
                             let p = k.b.ins().fmul(x, y);
                             let s = k.b.use_var(dot);
                             let s = k.b.ins().fadd(s, p);
@@ -1668,7 +1715,7 @@ impl<'b> Kernel<'b> {
                             Ok(())
                         })?;
                         let s = k.b.use_var(dot);
-                        let scale = k.b.ins().f32const(scale);
+                        let scale = k.b.ins().f64const(f64::from(scale));
                         let mut score = k.b.ins().fmul(s, scale);
                         if let Some((m_ptr, m_dtype, strides)) = &mask {
                             let mut at = k.b.ins().imul(bi, strides[0]);
@@ -1680,43 +1727,57 @@ impl<'b> Kernel<'b> {
                             }
                             let m = k.load(*m_ptr, at, *m_dtype);
                             if *m_dtype == DType::Bool {
-                                let keep = k.b.ins().icmp_imm_s(IntCC::NotEqual, m, 0);
-                                allowed = k.b.ins().band(allowed, keep);
+                                allowed = k.b.ins().band(allowed, m);
                             } else {
+                                let m = k.b.ins().fpromote(types::F64, m);
                                 score = k.b.ins().fadd(score, m);
                             }
                         }
-                        let score = k.b.ins().select(allowed, score, minus_inf);
-                        k.store(scratch, j, DType::F32, score);
+                        let narrow = k.b.ins().fdemote(types::F32, score);
+                        k.store(scratch, j, DType::F32, narrow);
+                        let flag_at = k.b.ins().iadd(flags, j);
+                        let (one, zero) = (k.b.ins().f32const(1.0), k.b.ins().f32const(0.0));
+                        let flag = k.b.ins().select(allowed, one, zero);
+                        k.store(scratch, flag_at, DType::F32, flag);
                         let current = k.b.use_var(max);
                         let bigger = k.b.ins().fmax(current, score);
-                        k.b.def_var(max, bigger);
+                        let kept = k.b.ins().select(allowed, bigger, current);
+                        k.b.def_var(max, kept);
+                        let seen = k.b.use_var(any);
+                        let seen = k.b.ins().bor(seen, allowed);
+                        k.b.def_var(any, seen);
                         Ok(())
                     })?;
-                    let sum = k.b.declare_var(types::F32);
-                    let zero = k.b.ins().f32const(0.0);
+                    let sum = k.b.declare_var(types::F64);
+                    let zero = k.b.ins().f64const(0.0);
                     k.b.def_var(sum, zero);
                     let m = k.b.use_var(max);
                     k.for_range(sk, &mut |k, j| {
                         let score = k.load(scratch, j, DType::F32);
-                        let hidden = k.b.ins().fcmp(FloatCC::Equal, score, minus_inf);
+                        let score = k.b.ins().fpromote(types::F64, score);
+                        let flag_at = k.b.ins().iadd(flags, j);
+                        let flag = k.load(scratch, flag_at, DType::F32);
+                        let zero_f = k.b.ins().f32const(0.0);
+                        let visible = k.b.ins().fcmp(FloatCC::NotEqual, flag, zero_f);
                         let shifted = k.b.ins().fsub(score, m);
+                        let shifted = k.b.ins().fdemote(types::F32, shifted);
                         let e = k.call("kiln_exp", &[shifted])?;
-                        let zero = k.b.ins().f32const(0.0);
-                        let weight = k.b.ins().select(hidden, zero, e);
+                        let weight = k.b.ins().select(visible, e, zero_f);
                         k.store(scratch, j, DType::F32, weight);
+                        let wide = k.b.ins().fpromote(types::F64, weight);
                         let total = k.b.use_var(sum);
-                        let total = k.b.ins().fadd(total, weight);
+                        let total = k.b.ins().fadd(total, wide);
                         k.b.def_var(sum, total);
                         Ok(())
                     })?;
                     let total = k.b.use_var(sum);
+                    let seen = k.b.use_var(any);
                     let out_row = k.b.ins().imul(bh, sq);
                     let out_row = k.b.ins().iadd(out_row, i);
                     let out_row = k.b.ins().imul(out_row, dv);
                     k.for_range(dv, &mut |k, c| {
-                        let acc = k.b.declare_var(types::F32);
-                        let zero = k.b.ins().f32const(0.0);
+                        let acc = k.b.declare_var(types::F64);
+                        let zero = k.b.ins().f64const(0.0);
                         k.b.def_var(acc, zero);
                         k.for_range(sk, &mut |k, j| {
                             let w = k.load(scratch, j, DType::F32);
@@ -1725,16 +1786,17 @@ impl<'b> Kernel<'b> {
                             let v_at = k.b.ins().iadd(v_at, c);
                             let x = k.load(v, v_at, DType::F32);
                             let p = k.b.ins().fmul(w, x);
+                            let p = k.b.ins().fpromote(types::F64, p);
                             let a = k.b.use_var(acc);
                             let a = k.b.ins().fadd(a, p);
                             k.b.def_var(acc, a);
                             Ok(())
                         })?;
                         let a = k.b.use_var(acc);
-                        let zero = k.b.ins().f32const(0.0);
-                        let any = k.b.ins().fcmp(FloatCC::GreaterThan, total, zero);
                         let value = k.b.ins().fdiv(a, total);
-                        let value = k.b.ins().select(any, value, zero);
+                        let value = k.b.ins().fdemote(types::F32, value);
+                        let zero = k.b.ins().f32const(0.0);
+                        let value = k.b.ins().select(seen, value, zero);
                         let at = k.b.ins().iadd(out_row, c);
                         k.store(out, at, DType::F32, value);
                         Ok(())

@@ -143,7 +143,16 @@ pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
             (index, f)
         })
         .collect();
-    let arena = vec![0u64; plan.arena_bytes().div_ceil(8)];
+    let mut arena = Vec::new();
+    arena
+        .try_reserve_exact(plan.arena_bytes().div_ceil(8))
+        .map_err(|e| {
+            CodegenError::Plan(format!(
+                "cannot allocate {} bytes of buffers: {e}",
+                plan.arena_bytes()
+            ))
+        })?;
+    arena.resize(plan.arena_bytes().div_ceil(8), 0u64);
     Ok(JitModel {
         graph: graph.clone(),
         plan,
@@ -168,11 +177,13 @@ impl JitModel {
         self.plan
             .check(&self.graph, &bindings)
             .map_err(CodegenError::Plan)?;
+        // Symbols no input binds are unused by the nodes (`Plan::check` evaluates every dim), so
+        // their value does not matter.
         let symbols: Vec<i64> = self
             .graph
             .symbols()
             .iter()
-            .map(|s| bindings[&s.name])
+            .map(|s| bindings.get(&s.name).copied().unwrap_or(0))
             .collect();
         let input_bytes: HashMap<&str, Vec<u8>> = inputs
             .iter()
@@ -185,17 +196,28 @@ impl JitModel {
             let pointer = match &node.op {
                 Op::Input => input_bytes[node.name.as_str()].as_ptr().cast_mut(),
                 Op::Constant { weight } => {
-                    let bytes = self
-                        .graph
-                        .weights()
-                        .get(weight)
-                        .and_then(|w| w.data.as_ref())
-                        .map(WeightBytes::bytes);
-                    let bytes = bytes.ok_or_else(|| CodegenError::Run {
+                    let stored = self.graph.weights().get(weight);
+                    let bytes = stored.and_then(|w| w.data.as_ref()).map(WeightBytes::bytes);
+                    let fail = |message: String| CodegenError::Run {
                         node: node.name.clone(),
                         op: "const".into(),
-                        message: format!("weight `{weight}` has no data"),
-                    })?;
+                        message,
+                    };
+                    let bytes =
+                        bytes.ok_or_else(|| fail(format!("weight `{weight}` has no data")))?;
+                    let expected =
+                        stored.map_or(0, |w| w.numel().saturating_mul(w.dtype.size_bytes()));
+                    let typed = node
+                        .ty
+                        .shape
+                        .as_fixed()
+                        .map(|d| d.iter().product::<usize>() * node.ty.dtype.size_bytes());
+                    if bytes.len() != expected || typed != Some(expected) {
+                        return Err(fail(format!(
+                            "weight `{weight}` holds {} bytes, its type needs {expected}",
+                            bytes.len()
+                        )));
+                    }
                     bytes.as_ptr().cast_mut()
                 }
                 // SAFETY: the plan keeps every offset plus its buffer within the arena.

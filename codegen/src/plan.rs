@@ -53,9 +53,9 @@ impl Plan {
             buffers.insert(id, (arena_bytes, bytes));
             arena_bytes = arena_bytes.saturating_add(bytes.div_ceil(ALIGN) * ALIGN);
             if let Op::Attention(_) = node.op {
-                // One row of scores (f32) per key, shared by every attention node in turn.
+                // Scores and visibility flags (f32 each) per key, shared by every attention node in turn.
                 let keys = upper(&graph.node(graph.operands(id)[1]).ty.shape.0[2])?;
-                scratch_bytes = scratch_bytes.max(keys.saturating_mul(4));
+                scratch_bytes = scratch_bytes.max(keys.saturating_mul(8));
             }
         }
         let scratch_offset = arena_bytes;
@@ -93,6 +93,15 @@ impl Plan {
         };
         for (&id, &(_, reserved)) in &self.buffers {
             let node = graph.node(id);
+            let mut unbound = None;
+            node.op.for_each_dim(|d| {
+                if let Err(e) = d.eval(bindings) {
+                    unbound.get_or_insert(e);
+                }
+            });
+            if let Some(error) = unbound {
+                return Err(format!("node %{}: {error}", node.name));
+            }
             let needed = bytes_at(node, &node.ty.shape.0)?;
             if needed > reserved {
                 return Err(format!(
@@ -102,7 +111,7 @@ impl Plan {
             }
             if let Op::Attention(_) = node.op {
                 let keys = &graph.node(graph.operands(id)[1]).ty.shape.0[2];
-                let row = keys.eval(bindings).map_err(|e| e.to_string())?.max(0) as usize * 4;
+                let row = keys.eval(bindings).map_err(|e| e.to_string())?.max(0) as usize * 8;
                 if row > self.scratch_bytes {
                     return Err(format!(
                         "node %{}: {row} bytes of scores exceed the planned scratch of {}",

@@ -391,7 +391,17 @@ fn buffers_without_an_upper_bound_are_refused() {
     )
     .unwrap();
     match compile_jit(&graph) {
-        Err(CodegenError::Plan(message)) => assert!(message.contains("has no upper bound"), "{message}"),
+        Err(CodegenError::Plan(message)) => {
+            assert!(message.contains("has no upper bound"), "{message}")
+        }
         other => panic!("expected a planning error, got {:?}", other.map(|_| ())),
     }
+}
+
+#[test]
+fn review_regressions_match_the_interpreter() {
+    // Dims round down like `Dim::eval`: (3 - 8) / 2 is -3, not -2.
+    check_text_graph("graph \"g\" {\n  sym seq <= 8\n  input %x : f32[seq]\n  %y = fill {value = 1.0, dtype = f32, shape = [((seq-8)/2+4)*4]}\n  output \"y\" = %y\n  output \"x\" = %x\n}");
+    // Reductions, softmax and attention accumulate in f64 like the interpreter.
+    check_text_graph("graph \"g\" {\n  input %x : f32[1]\n  %c = const \"c\" [100000000.0, 1.0, -100000000.0] : f32[3]\n  %s = reduce_sum(%c) {axes = [0], keep_dims = false}\n  output \"s\" = %s\n  output \"x\" = %x\n}");
 }

@@ -173,10 +173,15 @@ impl Dim {
                 if b.0 <= 0 {
                     return None;
                 }
-                Some((
-                    a.0.div_euclid(b.1).min(a.0.div_euclid(b.0)),
-                    a.1.div_euclid(b.0),
-                ))
+                // Over a positive divisor range the extremes are among the four corner quotients
+                // (a negative numerator is largest over the largest divisor).
+                let corners = [
+                    floor_div(a.0, b.0)?,
+                    floor_div(a.0, b.1)?,
+                    floor_div(a.1, b.0)?,
+                    floor_div(a.1, b.1)?,
+                ];
+                Some((*corners.iter().min()?, *corners.iter().max()?))
             }
         }
     }
@@ -495,6 +500,12 @@ mod tests {
             Dim::sub(Dim::Const(512), s("seq")).bounds(&maxima),
             Some((0, 511))
         );
+        // Regression (from review): a negative numerator is largest over the largest divisor.
+        let shifted = Dim::Div(
+            Box::new(Dim::sub(s("seq"), Dim::Const(520))),
+            Box::new(s("batch")),
+        );
+        assert_eq!(shifted.bounds(&maxima), Some((-519, -1)));
         let one = Dim::sub(s("seq"), Dim::add(s("seq"), Dim::Const(-1)));
         assert_eq!(one.bounds(&maxima), Some((1, 1)));
         assert_eq!(one.as_const_equiv(), Some(1));

@@ -286,17 +286,33 @@ pub(super) fn eval_arg(
     if x.shape()[axis] == 0 {
         return Err("arg_max/arg_min over an empty axis".into());
     }
-    let values = x.to_f64s();
+    // Integers compare exactly (f64 would merge values beyond 2^53).
+    let ints = x.dtype().is_int().then(|| x.to_i64s());
+    let floats = x.to_f64s();
     let mut out = Vec::new();
     for_each_group(x.shape(), &[axis], |base, offsets| {
         let mut best = 0usize;
         for (i, &o) in offsets.iter().enumerate().skip(1) {
-            let (v, b) = (values[base + o], values[base + offsets[best]]);
-            let better = match op {
-                ArgOp::Max => v > b || (v.is_nan() && !b.is_nan()),
-                ArgOp::Min => v < b || (v.is_nan() && !b.is_nan()),
+            let (at, best_at) = (base + o, base + offsets[best]);
+            let (better, tie) = match &ints {
+                Some(v) => {
+                    let better = if op == ArgOp::Max {
+                        v[at] > v[best_at]
+                    } else {
+                        v[at] < v[best_at]
+                    };
+                    (better, v[at] == v[best_at])
+                }
+                None => {
+                    let (v, b) = (floats[at], floats[best_at]);
+                    let strict = if op == ArgOp::Max { v > b } else { v < b };
+                    (
+                        strict || (v.is_nan() && !b.is_nan()),
+                        v == b || (v.is_nan() && b.is_nan()),
+                    )
+                }
             };
-            if better || (select_last && (v == b || (v.is_nan() && b.is_nan()))) {
+            if better || (select_last && tie) {
                 best = i;
             }
         }
@@ -462,6 +478,19 @@ mod tests {
         assert_eq!(arg(ArgOp::Max, 1, false, true).to_i64s(), [2, 0]);
         assert_eq!(arg(ArgOp::Min, -1, true, false).shape(), [2, 1]);
         assert_eq!(arg(ArgOp::Min, 0, false, false).to_i64s(), [0, 1, 1]);
+    }
+
+    #[test]
+    fn integer_arg_max_compares_exactly() {
+        // Regression (from review): beyond 2^53 an f64 comparison sees a tie.
+        let x = Tensor::i64(&[2], vec![1 << 53, (1 << 53) + 1]).unwrap();
+        let op = Op::Arg {
+            op: ArgOp::Max,
+            axis: 0,
+            keep_dims: false,
+            select_last: false,
+        };
+        assert_eq!(eval(&op, &[x]).unwrap().to_i64s(), [1]);
     }
 
     #[test]
