@@ -381,6 +381,21 @@ impl<'b> Kernel<'b> {
         self.call_typed(symbol, &params, args)
     }
 
+    /// Calls a runtime function of i64 arguments (sizes and addresses) returning nothing.
+    fn call_void(&mut self, symbol: &str, args: &[Value]) -> Result<(), String> {
+        let mut sig = self.module.make_signature();
+        for _ in args {
+            sig.params.push(AbiParam::new(types::I64));
+        }
+        let callee = self
+            .module
+            .declare_function(symbol, Linkage::Import, &sig)
+            .map_err(|e| e.to_string())?;
+        let fref = self.module.declare_func_in_func(callee, self.b.func);
+        self.b.ins().call(fref, args);
+        Ok(())
+    }
+
     /// Calls a runtime function returning f32.
     fn call_typed(
         &mut self,
@@ -842,62 +857,32 @@ impl<'b> Kernel<'b> {
                     activation,
                     residual,
                 };
-                k.for_range(m, &mut |k, i| {
-                    let out_row = k.b.ins().imul(i, n);
-                    let out_row = k.b.ins().iadd(ob, out_row);
-                    let a_row = k.b.ins().imul(i, kk);
-                    let a_row = k.b.ins().iadd(ab, a_row);
-                    if contiguous_n {
-                        // i-p-j order: the inner loop walks rows of b and of the output.
+                if contiguous_n {
+                    // Row-major b: the runtime's vector kernel computes the whole matrix.
+                    let a_at = k.address(a, ab, DType::F32);
+                    let b_at = k.address(bm, bb, DType::F32);
+                    let c_at = k.address(out, ob, DType::F32);
+                    k.call_void("kiln_sgemm", &[m, n, kk, a_at, kk, b_at, b_k, c_at, n])?;
+                    if finish.is_identity() {
+                        return Ok(());
+                    }
+                    return k.for_range(m, &mut |k, i| {
+                        let out_row = k.b.ins().imul(i, n);
+                        let out_row = k.b.ins().iadd(ob, out_row);
                         k.for_range(n, &mut |k, j| {
-                            let at = k.b.ins().iadd(out_row, j);
-                            let zero = k.b.ins().f32const(0.0);
-                            k.store(out, at, DType::F32, zero);
-                            Ok(())
-                        })?;
-                        k.for_range(kk, &mut |k, p| {
-                            let a_at = k.b.ins().iadd(a_row, p);
-                            let x = k.load(a, a_at, DType::F32);
-                            let b_row = k.b.ins().imul(p, b_k);
-                            let b_row = k.b.ins().iadd(bb, b_row);
-                            // Four columns at a time (f32x4), then the remaining ones.
-                            let lanes = k.b.ins().splat(types::F32X4, x);
-                            let whole = k.b.ins().band_imm_s(n, !3);
-                            let zero = k.iconst(0);
-                            k.for_steps(zero, whole, 4, &mut |k, j| {
-                                let b_at = k.b.ins().iadd(b_row, j);
-                                let b_at = k.address(bm, b_at, DType::F32);
-                                let y = k.b.ins().load(types::F32X4, memory(), b_at, 0);
-                                let at = k.b.ins().iadd(out_row, j);
-                                let at = k.address(out, at, DType::F32);
-                                let sum = k.b.ins().load(types::F32X4, memory(), at, 0);
-                                let product = k.b.ins().fmul(lanes, y);
-                                let sum = k.b.ins().fadd(sum, product);
-                                k.b.ins().store(memory(), sum, at, 0);
-                                Ok(())
-                            })?;
-                            k.for_steps(whole, n, 1, &mut |k, j| {
-                                let b_at = k.b.ins().iadd(b_row, j);
-                                let y = k.load(bm, b_at, DType::F32);
-                                let at = k.b.ins().iadd(out_row, j);
-                                let sum = k.load(out, at, DType::F32);
-                                let product = k.b.ins().fmul(x, y);
-                                let sum = k.b.ins().fadd(sum, product);
-                                k.store(out, at, DType::F32, sum);
-                                Ok(())
-                            })
-                        })?;
-                        if finish.is_identity() {
-                            return Ok(());
-                        }
-                        return k.for_range(n, &mut |k, j| {
                             let at = k.b.ins().iadd(out_row, j);
                             let sum = k.load(out, at, DType::F32);
                             let value = k.finish(&finish, sum, i, j, at)?;
                             k.store(out, at, DType::F32, value);
                             Ok(())
-                        });
-                    }
+                        })
+                    });
+                }
+                k.for_range(m, &mut |k, i| {
+                    let out_row = k.b.ins().imul(i, n);
+                    let out_row = k.b.ins().iadd(ob, out_row);
+                    let a_row = k.b.ins().imul(i, kk);
+                    let a_row = k.b.ins().iadd(ab, a_row);
                     // i-j-p order: each output is one dot product along contiguous k.
                     k.for_range(n, &mut |k, j| {
                         let acc = k.b.declare_var(types::F32);

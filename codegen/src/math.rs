@@ -1,6 +1,6 @@
-//! Scalar math the kernels call: functions Cranelift has no instruction for. Each computes in
-//! f64 and rounds once, like the reference interpreter, so JIT and interpreter agree to the last
-//! bit on these.
+//! Runtime functions the kernels call: the runtime's matrix product, and scalar math for
+//! functions Cranelift has no instruction for. Each of those computes in f64 and rounds once, like
+//! the reference interpreter, so JIT and interpreter agree to the last bit on these.
 
 use cranelift_jit::JITBuilder;
 use kiln_ir::ops::{BinaryOp, UnaryOp};
@@ -79,5 +79,6 @@ pub(crate) fn register(builder: &mut JITBuilder) {
     register_unary(builder);
     register_binary(builder);
     builder.symbol("kiln_rope_cos", kiln_rope_cos as *const u8);
+    builder.symbol("kiln_sgemm", kiln_runtime::kiln_sgemm as *const u8);
     builder.symbol("kiln_rope_sin", kiln_rope_sin as *const u8);
 }
