@@ -1,6 +1,6 @@
 //! `C[m×n] = A[m×k] · B[k×n]`, all row-major with leading dimensions, f32.
 //!
-//! The vector paths hold a block of four rows of `C` by one vector of columns in registers and
+//! The vector paths hold a block of six rows of `C` by one or two vectors of columns in registers and
 //! stream `B` row by row, broadcasting one element of `A` per row: no packing yet, so they reach a
 //! fraction of the machine's peak (packed panels are the next step).
 
@@ -91,7 +91,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Rows of `C` held in registers at once.
-    const ROWS: usize = 4;
+    const ROWS: usize = 6;
 
     /// # Safety
     /// As [`super::kiln_sgemm`], on a CPU with AVX-512F.
@@ -108,32 +108,45 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
+        // A tile of ROWS x 32 columns: 12 accumulators, two loads of B and ROWS broadcasts of A
+        // per step of k.
+        let mask_of = |width: usize| -> __mmask16 {
+            if width >= 16 {
+                0xffff
+            } else {
+                (1u16 << width) - 1
+            }
+        };
         let mut i = 0;
         while i < m {
             let rows = ROWS.min(m - i);
             let mut j = 0;
             while j < n {
-                let width = 16.min(n - j);
-                let mask: __mmask16 = if width == 16 {
-                    0xffff
-                } else {
-                    (1u16 << width) - 1
-                };
-                let mut acc = [_mm512_setzero_ps(); ROWS];
+                let (left, right) = (mask_of(n - j), mask_of((n - j).saturating_sub(16)));
+                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
                 for p in 0..k {
-                    // SAFETY: `width` columns of row p of B from column j are inside B.
-                    let y = unsafe { _mm512_maskz_loadu_ps(mask, b.add(p * ldb + j)) };
+                    // SAFETY: the masked lanes of row p of B from column j are inside B.
+                    let (y0, y1) = unsafe {
+                        (
+                            _mm512_maskz_loadu_ps(left, b.add(p * ldb + j)),
+                            _mm512_maskz_loadu_ps(right, b.add(p * ldb + j + 16)),
+                        )
+                    };
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                         // SAFETY: A[i + r, p] is inside A.
                         let x = _mm512_set1_ps(unsafe { *a.add((i + r) * lda + p) });
-                        *acc = _mm512_fmadd_ps(x, y, *acc);
+                        acc[0] = _mm512_fmadd_ps(x, y0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(x, y1, acc[1]);
                     }
                 }
                 for (r, acc) in acc.iter().enumerate().take(rows) {
-                    // SAFETY: `width` columns of row i + r of C from column j are inside C.
-                    unsafe { _mm512_mask_storeu_ps(c.add((i + r) * ldc + j), mask, *acc) };
+                    // SAFETY: the masked lanes of row i + r of C from column j are inside C.
+                    unsafe {
+                        _mm512_mask_storeu_ps(c.add((i + r) * ldc + j), left, acc[0]);
+                        _mm512_mask_storeu_ps(c.add((i + r) * ldc + j + 16), right, acc[1]);
+                    }
                 }
-                j += 16;
+                j += 32;
             }
             i += ROWS;
         }
