@@ -24,12 +24,9 @@ macro_rules! unary_fns {
 }
 
 unary_fns! {
-    kiln_exp => UnaryOp::Exp,
     kiln_log => UnaryOp::Log,
     kiln_erf => UnaryOp::Erf,
     kiln_tanh => UnaryOp::Tanh,
-    kiln_sigmoid => UnaryOp::Sigmoid,
-    kiln_silu => UnaryOp::Silu,
     kiln_gelu => UnaryOp::Gelu,
     kiln_gelu_tanh => UnaryOp::GeluTanh,
     kiln_sin => UnaryOp::Sin,

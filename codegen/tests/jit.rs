@@ -405,3 +405,72 @@ fn review_regressions_match_the_interpreter() {
     // Reductions, softmax and attention accumulate in f64 like the interpreter.
     check_text_graph("graph \"g\" {\n  input %x : f32[1]\n  %c = const \"c\" [100000000.0, 1.0, -100000000.0] : f32[3]\n  %s = reduce_sum(%c) {axes = [0], keep_dims = false}\n  output \"s\" = %s\n  output \"x\" = %x\n}");
 }
+
+/// Units in the last place between `got` and the correctly rounded `want`.
+fn ulps(got: f32, want: f32) -> u32 {
+    let key = |v: f32| {
+        let bits = v.to_bits() as i32;
+        if bits < 0 {
+            i32::MIN.wrapping_sub(bits)
+        } else {
+            bits
+        }
+    };
+    key(got).abs_diff(key(want))
+}
+
+#[test]
+fn exp_matches_libm_over_the_f32_range() {
+    // Every 256th f32 between -110 and 100, then the special values softmax and GELU meet.
+    let mut values: Vec<f32> = Vec::new();
+    for bits in (0u32..u32::MAX).step_by(256) {
+        let v = f32::from_bits(bits);
+        if v.is_finite() && (-110.0..=100.0).contains(&v) {
+            values.push(v);
+        }
+    }
+    values.extend([
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        88.72283,
+        88.72284,
+        -87.33655,
+        -103.97207,
+        f32::MAX,
+        f32::MIN,
+    ]);
+    let n = values.len();
+    let graph = kiln_ir::text::parse(&format!(
+        "graph \"g\" {{\n  input %x : f32[{n}]\n  %y = exp(%x)\n  output \"y\" = %y\n}}"
+    ))
+    .unwrap();
+    let feed: HashMap<String, Tensor> =
+        [("x".to_string(), Tensor::f32(&[n], values.clone()).unwrap())]
+            .into_iter()
+            .collect();
+    let out = compile_jit(&graph).unwrap().run(&feed).unwrap();
+    let got = out[0].1.to_f64s();
+    let (mut worst_normal, mut worst_subnormal) = (0u32, 0u32);
+    for (&x, &y) in values.iter().zip(&got) {
+        let (y, want) = (y as f32, f64::from(x).exp() as f32);
+        if x.is_nan() {
+            assert!(y.is_nan());
+            continue;
+        }
+        let error = ulps(y, want);
+        if want.is_normal() || want.is_infinite() || want == 0.0 && x < -104.0 {
+            worst_normal = worst_normal.max(error);
+        } else {
+            worst_subnormal = worst_subnormal.max(error);
+        }
+    }
+    println!("exp over {n} values: {worst_normal} ulp (normal results), {worst_subnormal} ulp (subnormal results)");
+    assert!(worst_normal <= 1, "normal results: {worst_normal} ulp");
+    assert!(
+        worst_subnormal <= 1,
+        "subnormal results: {worst_subnormal} ulp"
+    );
+}
