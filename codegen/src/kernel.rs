@@ -99,6 +99,15 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
     }
 }
 
+/// A possibly negative axis as an index into `rank` axes.
+fn resolve_axis(axis: i64, rank: usize) -> Result<usize, String> {
+    let resolved = if axis < 0 { axis + rank as i64 } else { axis };
+    usize::try_from(resolved)
+        .ok()
+        .filter(|&a| a < rank)
+        .ok_or_else(|| format!("axis {axis} is out of range for rank {rank}"))
+}
+
 fn clif_type(dtype: DType) -> Type {
     match dtype {
         DType::F32 => types::F32,
@@ -981,9 +990,7 @@ impl<'b> Kernel<'b> {
     }
 
     fn softmax(&mut self, ty: &TensorType, axis: i64, out: Value, x: Value) -> Result<(), String> {
-        let rank = ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, ty.rank())?;
         let (outer_dims, outer_strides, len, stride) = self.split_axis(ty, axis);
         let zero = self.iconst(0);
         self.nest(&outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
@@ -1043,11 +1050,10 @@ impl<'b> Kernel<'b> {
         out: Value,
         x: Value,
     ) -> Result<(), String> {
-        let rank = x_ty.rank() as i64;
         let reduced: Vec<usize> = axes
             .iter()
-            .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
-            .collect();
+            .map(|&a| resolve_axis(a, x_ty.rank()))
+            .collect::<Result<_, _>>()?;
         let x_dims = self.dims(x_ty);
         let x_strides = self.strides(&x_dims);
         let out_dims = self.dims(ty);
@@ -1159,9 +1165,7 @@ impl<'b> Kernel<'b> {
         out: Value,
         x: Value,
     ) -> Result<(), String> {
-        let rank = x_ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, x_ty.rank())?;
         let x_dims = self.dims(x_ty);
         let x_strides = self.strides(&x_dims);
         let out_dims = self.dims(ty);
@@ -1204,9 +1208,7 @@ impl<'b> Kernel<'b> {
         out: Value,
         inputs: &[Value],
     ) -> Result<(), String> {
-        let rank = ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, ty.rank())?;
         let out_dims = self.dims(ty);
         let out_strides = self.strides(&out_dims);
         let mut position = self.iconst(0);
@@ -1255,9 +1257,7 @@ impl<'b> Kernel<'b> {
         data: Value,
         indices: Value,
     ) -> Result<(), String> {
-        let rank = data_ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, data_ty.rank())?;
         let data_dims = self.dims(data_ty);
         let data_strides = self.strides(&data_dims);
         let idx_dims = self.dims(idx_ty);
@@ -1374,9 +1374,7 @@ impl<'b> Kernel<'b> {
         inputs: &[Value],
     ) -> Result<(), String> {
         let x_ty = operands[0];
-        let rank = x_ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, x_ty.rank())?;
         let dims = self.dims(x_ty);
         let outer = &dims[..axis];
         let inner = dims[axis..].to_vec();
@@ -1474,9 +1472,7 @@ impl<'b> Kernel<'b> {
         out: Value,
         x: Value,
     ) -> Result<(), String> {
-        let rank = x_ty.rank() as i64;
-        let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
-            .map_err(|_| "axis out of range")?;
+        let axis = resolve_axis(axis, x_ty.rank())?;
         let (outer_dims, outer_strides, len, stride) = self.split_axis(x_ty, axis);
         let empty = self.b.ins().icmp_imm_s(IntCC::Equal, len, 0);
         self.fail_if(empty, EMPTY_AXIS);
