@@ -619,6 +619,7 @@ impl<'b> Kernel<'b> {
         }
         match op {
             UnaryOp::Exp => return Ok(self.exp_f32(x)),
+            UnaryOp::Erf => return Ok(self.erf_f32(x)),
             UnaryOp::Sigmoid | UnaryOp::Silu => {
                 // 1 / (1 + e^-x): e^-x overflows to +inf for very negative x, giving 0.
                 let negated = self.b.ins().fneg(x);
@@ -1893,12 +1894,7 @@ impl<'b> Kernel<'b> {
             0.166_666_65,
             0.5,
         ];
-        let mut poly = c(self, coefficients[0]);
-        for &coefficient in &coefficients[1..] {
-            let term = c(self, coefficient);
-            poly = self.b.ins().fmul(poly, r);
-            poly = self.b.ins().fadd(poly, term);
-        }
+        let poly = self.polynomial_f32(&coefficients, r);
         let rr = self.b.ins().fmul(r, r);
         let y = self.b.ins().fmul(poly, rr);
         let y = self.b.ins().fadd(y, r);
@@ -1925,4 +1921,70 @@ impl<'b> Kernel<'b> {
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
         self.b.ins().select(nan, x, result)
     }
+
+    /// `erf(x)` for an f32, as code: for `|x| < 1`, `x + x q(x^2)` with `q` a degree-6
+    /// polynomial (`erf(x)/x - 1`); for `|x| >= 1`, `1 - e^(-x^2) p(1/|x|)` with `p` a degree-9
+    /// polynomial for `erfc(x) e^(x^2)` on [1, 4] (beyond 4 the f32 result is 1), with the sign of
+    /// `x`. Both polynomials are least-squares fits of the relative error, iterated towards
+    /// minimax (`codegen/tools/fit_erf.py`); the `erf_matches_libm_over_the_f32_range` test
+    /// measures the error.
+    fn erf_f32(&mut self, x: Value) -> Value {
+        let c = |k: &mut Self, v: f32| k.b.ins().f32const(v);
+        let a = self.b.ins().fabs(x);
+        let t = self.b.ins().fmul(x, x);
+        let q = self.polynomial_f32(&ERF_SMALL, t);
+        let xq = self.b.ins().fmul(x, q);
+        let small = self.b.ins().fadd(x, xq);
+        let (one, four) = (c(self, 1.0), c(self, 4.0));
+        let clamped = self.b.ins().fmax(a, one);
+        let clamped = self.b.ins().fmin(clamped, four);
+        let inverse = self.b.ins().fdiv(one, clamped);
+        let p = self.polynomial_f32(&ERFC_SCALED_LARGE, inverse);
+        let square = self.b.ins().fmul(clamped, clamped);
+        let negated = self.b.ins().fneg(square);
+        let gaussian = self.exp_f32(negated);
+        let tail = self.b.ins().fmul(gaussian, p);
+        let large = self.b.ins().fsub(one, tail);
+        let large = self.b.ins().fcopysign(large, x);
+        let is_small = self.b.ins().fcmp(FloatCC::LessThan, a, one);
+        let result = self.b.ins().select(is_small, small, large);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        self.b.ins().select(nan, x, result)
+    }
+
+    /// `coefficients[0] v^n + ... + coefficients[n]` by Horner's rule.
+    fn polynomial_f32(&mut self, coefficients: &[f32], v: Value) -> Value {
+        let mut poly = self.b.ins().f32const(coefficients[0]);
+        for &coefficient in &coefficients[1..] {
+            let term = self.b.ins().f32const(coefficient);
+            poly = self.b.ins().fmul(poly, v);
+            poly = self.b.ins().fadd(poly, term);
+        }
+        poly
+    }
 }
+
+/// `erf(x)/x - 1` as a polynomial in `x^2` on [0, 1], highest power first.
+const ERF_SMALL: [f32; 7] = [
+    7.854_23e-5,
+    -8.010_315e-4,
+    5.188_343e-3,
+    -2.685_382_2e-2,
+    0.112_835_854,
+    -0.376_126_26,
+    0.128_379_17,
+];
+
+/// `erfc(x) e^(x^2)` as a polynomial in `1/x` on [1, 4], highest power first.
+const ERFC_SCALED_LARGE: [f32; 10] = [
+    3.071_601e-2,
+    -0.179_724_13,
+    0.438_267_6,
+    -0.536_986_3,
+    0.238_366_32,
+    0.230_376_99,
+    -0.375_856_5,
+    2.053_434_8e-2,
+    0.561_768_2,
+    1.210_676_2e-4,
+];

@@ -25,7 +25,6 @@ macro_rules! unary_fns {
 
 unary_fns! {
     kiln_log => UnaryOp::Log,
-    kiln_erf => UnaryOp::Erf,
     kiln_tanh => UnaryOp::Tanh,
     kiln_gelu => UnaryOp::Gelu,
     kiln_gelu_tanh => UnaryOp::GeluTanh,

@@ -419,6 +419,57 @@ fn ulps(got: f32, want: f32) -> u32 {
     key(got).abs_diff(key(want))
 }
 
+/// `op` applied by the JIT to each of `values`.
+fn run_unary_f32(op: &str, values: &[f32]) -> Vec<f64> {
+    let n = values.len();
+    let graph = kiln_ir::text::parse(&format!(
+        "graph \"g\" {{\n  input %x : f32[{n}]\n  %y = {op}(%x)\n  output \"y\" = %y\n}}"
+    ))
+    .unwrap();
+    let feed: HashMap<String, Tensor> =
+        [("x".to_string(), Tensor::f32(&[n], values.to_vec()).unwrap())]
+            .into_iter()
+            .collect();
+    let out = compile_jit(&graph).unwrap().run(&feed).unwrap();
+    out[0].1.to_f64s()
+}
+
+#[test]
+fn erf_matches_libm_over_the_f32_range() {
+    // Every 256th f32 in [-5, 5] (the polynomials' seams at |x| = 1 and 4 included), then the
+    // special values.
+    let mut values: Vec<f32> = (0u32..u32::MAX)
+        .step_by(256)
+        .map(f32::from_bits)
+        .filter(|v| (-5.0..=5.0).contains(v))
+        .collect();
+    values.extend([
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        4.0,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+    ]);
+    let got = run_unary_f32("erf", &values);
+    let mut worst = 0u32;
+    for (&x, &y) in values.iter().zip(&got) {
+        let (y, want) = (y as f32, UnaryOp::Erf.apply_f64(f64::from(x)) as f32);
+        if x.is_nan() {
+            assert!(y.is_nan());
+            continue;
+        }
+        let error = ulps(y, want);
+        assert!(error <= 2, "erf({x:e}) = {y:e}, want {want:e}: {error} ulp");
+        worst = worst.max(error);
+    }
+    println!("erf over {} values: {worst} ulp", values.len());
+}
+
 #[test]
 fn exp_matches_libm_over_the_f32_range() {
     // Every 256th f32 between -110 and 100, then the special values softmax and GELU meet.
@@ -443,16 +494,7 @@ fn exp_matches_libm_over_the_f32_range() {
         f32::MIN,
     ]);
     let n = values.len();
-    let graph = kiln_ir::text::parse(&format!(
-        "graph \"g\" {{\n  input %x : f32[{n}]\n  %y = exp(%x)\n  output \"y\" = %y\n}}"
-    ))
-    .unwrap();
-    let feed: HashMap<String, Tensor> =
-        [("x".to_string(), Tensor::f32(&[n], values.clone()).unwrap())]
-            .into_iter()
-            .collect();
-    let out = compile_jit(&graph).unwrap().run(&feed).unwrap();
-    let got = out[0].1.to_f64s();
+    let got = run_unary_f32("exp", &values);
     let (mut worst_normal, mut worst_subnormal) = (0u32, 0u32);
     for (&x, &y) in values.iter().zip(&got) {
         let (y, want) = (y as f32, f64::from(x).exp() as f32);
