@@ -1931,11 +1931,27 @@ impl<'b> Kernel<'b> {
     fn erf_f32(&mut self, x: Value) -> Value {
         let c = |k: &mut Self, v: f32| k.b.ins().f32const(v);
         let a = self.b.ins().fabs(x);
+        let one = c(self, 1.0);
+        // A branch, not a select: either polynomial alone costs as much as libm's erf.
+        let (near, far, done) = (
+            self.b.create_block(),
+            self.b.create_block(),
+            self.b.create_block(),
+        );
+        let result = self.b.append_block_param(done, types::F32);
+        let is_near = self.b.ins().fcmp(FloatCC::LessThan, a, one);
+        self.b.ins().brif(is_near, near, &[], far, &[]);
+        self.b.switch_to_block(near);
+        self.b.seal_block(near);
         let t = self.b.ins().fmul(x, x);
         let q = self.polynomial_f32(&ERF_SMALL, t);
         let xq = self.b.ins().fmul(x, q);
         let small = self.b.ins().fadd(x, xq);
-        let (one, four) = (c(self, 1.0), c(self, 4.0));
+        self.b.ins().jump(done, &[BlockArg::Value(small)]);
+        self.b.switch_to_block(far);
+        self.b.seal_block(far);
+        // NaN goes this way and stays NaN through fmax and fmin.
+        let four = c(self, 4.0);
         let clamped = self.b.ins().fmax(a, one);
         let clamped = self.b.ins().fmin(clamped, four);
         let inverse = self.b.ins().fdiv(one, clamped);
@@ -1946,10 +1962,10 @@ impl<'b> Kernel<'b> {
         let tail = self.b.ins().fmul(gaussian, p);
         let large = self.b.ins().fsub(one, tail);
         let large = self.b.ins().fcopysign(large, x);
-        let is_small = self.b.ins().fcmp(FloatCC::LessThan, a, one);
-        let result = self.b.ins().select(is_small, small, large);
-        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
-        self.b.ins().select(nan, x, result)
+        self.b.ins().jump(done, &[BlockArg::Value(large)]);
+        self.b.switch_to_block(done);
+        self.b.seal_block(done);
+        result
     }
 
     /// `coefficients[0] v^n + ... + coefficients[n]` by Horner's rule.
