@@ -4,32 +4,12 @@
 use kiln_codegen::compile_jit;
 use kiln_frontend::{load, InputShapes};
 use kiln_ir::{load_tensors, Tensor};
+#[path = "../../frontend/tests/support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-}
-
-fn model(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
-    path
-}
-
-fn shapes(args: &[&str]) -> InputShapes {
-    let mut shapes = InputShapes::new();
-    for arg in args {
-        shapes.parse_arg(arg).unwrap();
-    }
-    shapes
-}
+use std::path::Path;
+use support::{fixtures, max_diff, max_diff_valid_tokens, model, shapes};
 
 fn run(graph: &kiln_ir::Graph, inputs: Vec<(&str, &Tensor)>) -> BTreeMap<String, Tensor> {
     let mut jit = compile_jit(graph).unwrap();
@@ -38,23 +18,6 @@ fn run(graph: &kiln_ir::Graph, inputs: Vec<(&str, &Tensor)>) -> BTreeMap<String,
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     jit.run(&inputs).unwrap().into_iter().collect()
-}
-
-/// Max abs difference, over rows whose mask entry is 1 when a `[batch, seq]` mask is given.
-fn max_diff(actual: &Tensor, expected: &Tensor, mask: Option<&Tensor>) -> f64 {
-    assert_eq!(actual.shape(), expected.shape());
-    let width = if mask.is_some() { actual.shape()[2] } else { 1 };
-    let valid: Vec<bool> = mask.map_or_else(
-        || vec![true; actual.numel()],
-        |m| m.to_i64s().iter().map(|&v| v == 1).collect(),
-    );
-    let (a, e) = (actual.to_f64s(), expected.to_f64s());
-    a.chunks(width)
-        .zip(e.chunks(width))
-        .zip(valid)
-        .filter(|(_, v)| *v)
-        .flat_map(|((a, e), _)| a.iter().zip(e).map(|(a, e)| (a - e).abs()))
-        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -69,10 +32,10 @@ fn tiny_bert_all_formats() {
     ] {
         let graph = load(&source, &shapes(&["input_ids=batch:4xseq:128"])).unwrap();
         let out = run(&graph, names.iter().map(|n| (*n, &reference[*n])).collect());
-        let diff = max_diff(
+        let diff = max_diff_valid_tokens(
             &out["last_hidden_state"],
             &reference["last_hidden_state"],
-            Some(&reference["attention_mask"]),
+            &reference["attention_mask"],
         );
         println!("JIT tiny-bert {}: {diff:e}", source.display());
         assert!(diff <= 1e-5, "{}: {diff}", source.display());
@@ -91,7 +54,7 @@ fn tiny_llama_and_tiny_gpt2() {
         let graph = load(&dir, &InputShapes::new()).unwrap();
         let reference = load_tensors(&dir.join("reference.safetensors")).unwrap();
         let out = run(&graph, vec![("input_ids", &reference["input_ids"])]);
-        let diff = max_diff(&out["logits"], &reference["logits"], None);
+        let diff = max_diff(&out["logits"], &reference["logits"]);
         println!("JIT {}: {diff:e}", dir.display());
         assert!(diff <= tolerance, "{}: {diff}", dir.display());
     }
@@ -115,10 +78,10 @@ fn minilm_l6_and_l3() {
             .map(|n| (n.to_string(), get(&ref6, n)))
             .collect();
         let out6: BTreeMap<String, Tensor> = jit6.run(&feed6).unwrap().into_iter().collect();
-        let diff = max_diff(
+        let diff = max_diff_valid_tokens(
             &out6["last_hidden_state"],
             &get(&ref6, "last_hidden_state"),
-            Some(&get(&ref6, "attention_mask")),
+            &get(&ref6, "attention_mask"),
         );
         println!("JIT minilm-l6 {case}: {diff:e}");
         assert!(diff <= 1e-4, "minilm-l6 {case}: {diff}");
@@ -127,7 +90,7 @@ fn minilm_l6_and_l3() {
             .map(|n| (n.to_string(), get(&ref3, n)))
             .collect();
         for (name, tensor) in jit3.run(&feed3).unwrap() {
-            let diff = max_diff(&tensor, &get(&ref3, &name), None);
+            let diff = max_diff(&tensor, &get(&ref3, &name));
             println!("JIT minilm-l3 {case} {name}: {diff:e}");
             assert!(diff <= 1e-4, "minilm-l3 {case} {name}: {diff}");
         }
@@ -155,7 +118,7 @@ fn smollm2_gguf() {
             vec![4, vocab],
             logits[(seq - 4) * vocab..].to_vec(),
         );
-        let diff = max_diff(&last4, &reference[&format!("{prompt}.logits_last4")], None);
+        let diff = max_diff(&last4, &reference[&format!("{prompt}.logits_last4")]);
         let top1: Vec<i64> = logits
             .chunks(vocab)
             .map(|row| {

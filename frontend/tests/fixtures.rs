@@ -2,26 +2,13 @@
 //! Runtime on real models, through the reference interpreter. Real models come from
 //! `scripts/fetch-models.sh`; a missing model fails the test.
 
+mod support;
+
 use kiln_frontend::{load, InputShapes};
 use kiln_ir::{interp, load_tensors, Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-}
-
-fn model(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
-    path
-}
+use std::path::Path;
+use support::{fixtures, max_diff, max_diff_valid_tokens, model, shapes};
 
 fn f32s(t: &Tensor) -> &[f32] {
     match t.data() {
@@ -36,30 +23,6 @@ fn run(graph: &kiln_ir::Graph, inputs: Vec<(&str, &Tensor)>) -> BTreeMap<String,
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     interp::run(graph, &inputs).unwrap().into_iter().collect()
-}
-
-/// Max abs difference over tokens whose mask is 1; `[batch, seq, width]` against `[batch, seq]`.
-fn max_diff_valid_tokens(actual: &Tensor, expected: &Tensor, mask: &Tensor) -> f32 {
-    assert_eq!(actual.shape(), expected.shape());
-    let width = actual.shape()[2];
-    let mask = mask.to_i64s();
-    f32s(actual)
-        .chunks(width)
-        .zip(f32s(expected).chunks(width))
-        .zip(mask)
-        .filter(|(_, m)| *m == 1)
-        .flat_map(|((a, e), _)| a.iter().zip(e).map(|(a, e)| (a - e).abs()))
-        .fold(0.0, f32::max)
-}
-
-fn max_diff(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.shape(), expected.shape());
-    assert_eq!(actual.dtype(), expected.dtype());
-    let (a, e) = (actual.to_f64s(), expected.to_f64s());
-    a.iter()
-        .zip(&e)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0.0, f64::max) as f32
 }
 
 #[test]
@@ -221,14 +184,6 @@ fn smollm2_gguf_matches_transformers() {
         assert!(diff <= 2e-3, "{prompt}: max abs diff {diff}");
         assert_eq!(top1, expected_top1, "{prompt}: top-1 ids");
     }
-}
-
-fn shapes(args: &[&str]) -> InputShapes {
-    let mut shapes = InputShapes::new();
-    for arg in args {
-        shapes.parse_arg(arg).unwrap();
-    }
-    shapes
 }
 
 #[test]
