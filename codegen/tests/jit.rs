@@ -436,12 +436,12 @@ fn run_unary_f32(op: &str, values: &[f32]) -> Vec<f64> {
 
 #[test]
 fn erf_matches_libm_over_the_f32_range() {
-    // Every 256th f32 in [-5, 5] (the polynomials' seams at |x| = 1 and 4 included), then the
+    // Every 256th finite f32 (the polynomials' seams at |x| = 1 and 4 included), then the
     // special values.
     let mut values: Vec<f32> = (0u32..u32::MAX)
         .step_by(256)
         .map(f32::from_bits)
-        .filter(|v| (-5.0..=5.0).contains(v))
+        .filter(|v| v.is_finite())
         .collect();
     values.extend([
         f32::NEG_INFINITY,
