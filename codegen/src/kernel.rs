@@ -9,38 +9,16 @@ use cranelift_codegen::ir::{
     types, AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_jit::JITModule;
 use cranelift_module::{FuncId, Linkage, Module};
 use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, TensorType};
 use std::collections::HashMap;
 
-/// Status: an integer division or remainder by zero.
-const DIVISION_BY_ZERO: i64 = 1;
-
-/// Status: a gather index outside its axis.
-const INDEX_OUT_OF_RANGE: i64 = 2;
-
-/// Status: arg_max or arg_min over an axis of size 0.
-const EMPTY_AXIS: i64 = 3;
-
-/// Status: rope over an odd head dim.
-const ODD_HEAD_DIM: i64 = 4;
-
-/// Status: a position outside a block-sparse layout.
-const OUTSIDE_LAYOUT: i64 = 5;
-
-/// The message of a kernel's non-zero status.
-pub(crate) fn status_message(status: i32) -> String {
-    match i64::from(status) {
-        DIVISION_BY_ZERO => "integer division by zero".into(),
-        INDEX_OUT_OF_RANGE => "gather index out of range".into(),
-        EMPTY_AXIS => "arg_max/arg_min over an empty axis".into(),
-        ODD_HEAD_DIM => "rope head_dim must be even".into(),
-        OUTSIDE_LAYOUT => "block_sparse layout has no tile for a query or key position".into(),
-        other => format!("kernel failed with status {other}"),
-    }
-}
+use kiln_runtime::spec::{
+    STATUS_DIVISION_BY_ZERO as DIVISION_BY_ZERO, STATUS_EMPTY_AXIS as EMPTY_AXIS,
+    STATUS_INDEX_OUT_OF_RANGE as INDEX_OUT_OF_RANGE, STATUS_ODD_HEAD_DIM as ODD_HEAD_DIM,
+    STATUS_OUTSIDE_LAYOUT as OUTSIDE_LAYOUT,
+};
 
 /// Whether [`build`] lowers this op with these operand types.
 pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bool {
@@ -120,7 +98,7 @@ fn clif_type(dtype: DType) -> Type {
 
 /// Builds the kernel of node `id`.
 pub(crate) fn build(
-    module: &mut JITModule,
+    module: &mut dyn Module,
     graph: &Graph,
     plan: &Plan,
     id: NodeId,
@@ -193,7 +171,7 @@ type NestBody<'f, 'b> = dyn FnMut(&mut Kernel<'b>, &[Value]) -> Result<(), Strin
 
 struct Kernel<'a> {
     b: FunctionBuilder<'a>,
-    module: &'a mut JITModule,
+    module: &'a mut dyn Module,
     /// The node's slot, which names the data objects it defines.
     slot: usize,
     buffers: Value,
@@ -717,7 +695,7 @@ impl<'b> Kernel<'b> {
                 // Truncating division; zero is an error, MIN / -1 wraps as the interpreter does.
                 let ty = clif_type(dtype);
                 let is_zero = self.b.ins().icmp_imm_s(IntCC::Equal, c, 0);
-                let status = self.b.ins().iconst(types::I32, DIVISION_BY_ZERO);
+                let status = self.b.ins().iconst(types::I32, i64::from(DIVISION_BY_ZERO));
                 let ok = self.b.create_block();
                 self.b
                     .ins()
@@ -1146,8 +1124,8 @@ impl<'b> Kernel<'b> {
     }
 
     /// Branches to the failure block with `status` when `condition` holds.
-    fn fail_if(&mut self, condition: Value, status: i64) {
-        let code = self.b.ins().iconst(types::I32, status);
+    fn fail_if(&mut self, condition: Value, status: i32) {
+        let code = self.b.ins().iconst(types::I32, i64::from(status));
         let ok = self.b.create_block();
         self.b
             .ins()

@@ -1,22 +1,25 @@
 //! Native code for kiln graphs through Cranelift.
 //!
-//! Today: a JIT that compiles every node of a graph into its own Cranelift function (a loop nest
-//! over the node's actual dims, read from the symbol values at run time) and runs them in order
-//! over buffers planned for the symbols' maxima. It covers the elementwise, layout, matrix-product,
-//! softmax and reduction ops on f32, integer and bool tensors, scalar code with math functions
-//! called from the runtime side. Graphs with other ops are refused with the list of what is
-//! missing. Vector kernels, the GEMM microkernels, the remaining ops and AOT artifacts are the next
-//! steps (issue #4).
+//! Every node of a graph becomes its own Cranelift function (a loop nest over the node's actual
+//! dims, read from the symbol values at run time) over buffers planned for the symbols' maxima;
+//! the runtime (`kiln-runtime`) checks inputs and runs the kernels in order. Two backends share
+//! that code: a JIT ([`compile_jit`]) and object files linked into shared libraries and
+//! executables ([`aot`]). Ops are covered on f32, integer and bool tensors; graphs with other ops
+//! or dtypes are refused with the list of what is missing.
 
+pub mod aot;
+mod describe;
 mod kernel;
 mod math;
 mod plan;
 
 pub use plan::Plan;
 
+use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
-use kiln_ir::{interp, DType, Graph, Op, Tensor, WeightBytes};
+use cranelift_module::{FuncId, Module};
+use kiln_ir::{DType, Graph, NodeId, Tensor};
 use std::collections::{BTreeSet, HashMap};
 
 /// Why a graph could not be compiled or run.
@@ -36,36 +39,26 @@ pub enum CodegenError {
     /// The graph's buffers cannot be planned (unbounded dims, too much memory).
     #[error("{0}")]
     Plan(String),
-    /// The inputs do not fit the graph.
-    #[error(transparent)]
-    Inputs(#[from] interp::InterpError),
-    /// A kernel reported an error at run time.
-    #[error("node %{node} ({op}): {message}")]
-    Run {
-        /// The node.
+    /// A constant's weight is missing or does not fit its type.
+    #[error("node %{node}: {message}")]
+    Weights {
+        /// The constant node.
         node: String,
-        /// Its op.
-        op: String,
-        /// What went wrong.
+        /// What is wrong.
         message: String,
     },
+    /// The inputs do not fit the graph.
+    #[error("{0}")]
+    Inputs(String),
+    /// The runtime refused the inputs or a kernel failed.
+    #[error(transparent)]
+    Runtime(#[from] kiln_runtime::Error),
+    /// Writing an artifact or linking failed.
+    #[error("{0}")]
+    Artifact(String),
 }
 
-/// A kernel: `(buffer table, symbol values) -> status` (0 is success).
-type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64) -> i32;
-
-/// A graph compiled in memory, ready to run.
-pub struct JitModel {
-    graph: Graph,
-    plan: Plan,
-    /// One kernel per computed node, in execution order, with the node's index in the plan.
-    kernels: Vec<(usize, KernelFn)>,
-    arena: Vec<u64>,
-    /// Keeps the compiled code alive.
-    _module: JITModule,
-}
-
-/// The dtypes the JIT handles.
+/// The dtypes the code generator handles.
 pub(crate) fn supported_dtype(dtype: DType) -> bool {
     matches!(
         dtype,
@@ -73,8 +66,8 @@ pub(crate) fn supported_dtype(dtype: DType) -> bool {
     )
 }
 
-/// Compiles every node of `graph` for this CPU.
-pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
+/// Refuses graphs with ops or dtypes the code generator does not lower, listing all of them.
+fn check_supported(graph: &Graph) -> Result<(), CodegenError> {
     let unsupported: BTreeSet<String> = graph
         .order()
         .into_iter()
@@ -99,73 +92,109 @@ pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
             .then(|| node.op.name().to_string())
         })
         .collect();
-    if !unsupported.is_empty() {
-        return Err(CodegenError::Unsupported(unsupported.into_iter().collect()));
+    if unsupported.is_empty() {
+        Ok(())
+    } else {
+        Err(CodegenError::Unsupported(unsupported.into_iter().collect()))
     }
-    let mut flags = settings::builder();
-    let cranelift_error = |message: String| CodegenError::Cranelift {
+}
+
+fn cranelift_error(message: impl ToString) -> CodegenError {
+    CodegenError::Cranelift {
         node: String::new(),
-        message,
-    };
+        message: message.to_string(),
+    }
+}
+
+/// The host's ISA with every feature it has (AVX2, FMA, ...); position-independent code for
+/// objects, which may end up in shared libraries.
+fn host_isa(position_independent: bool) -> Result<OwnedTargetIsa, CodegenError> {
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").map_err(cranelift_error)?;
     flags
-        .set("opt_level", "speed")
-        .map_err(|e| cranelift_error(e.to_string()))?;
-    let isa = cranelift_native::builder()
-        .map_err(|e| cranelift_error(e.to_string()))?
+        .set(
+            "is_pic",
+            if position_independent {
+                "true"
+            } else {
+                "false"
+            },
+        )
+        .map_err(cranelift_error)?;
+    cranelift_native::builder()
+        .map_err(cranelift_error)?
         .finish(settings::Flags::new(flags))
-        .map_err(|e| cranelift_error(e.to_string()))?;
-    let mut builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
-    math::register(&mut builder);
+        .map_err(cranelift_error)
+}
+
+/// Defines one kernel function per node of `nodes` in `module`.
+fn define_kernels(
+    module: &mut dyn Module,
+    graph: &Graph,
+    plan: &Plan,
+    nodes: &[NodeId],
+) -> Result<Vec<FuncId>, CodegenError> {
+    nodes
+        .iter()
+        .map(|&id| {
+            kernel::build(module, graph, plan, id).map_err(|message| CodegenError::Cranelift {
+                node: graph.node(id).name.clone(),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// A graph compiled in memory, ready to run.
+pub struct JitModel {
+    model: kiln_runtime::Model,
+    /// Keeps the compiled code alive.
+    _module: JITModule,
+    /// Keeps the weights the model reads alive.
+    _graph: Graph,
+}
+
+/// Compiles every node of `graph` for this CPU.
+pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
+    check_supported(graph)?;
+    let mut builder =
+        JITBuilder::with_isa(host_isa(false)?, cranelift_module::default_libcall_names());
+    for (name, address) in kiln_runtime::symbols() {
+        builder.symbol(name, address);
+    }
     let mut module = JITModule::new(builder);
     let plan = Plan::new(graph).map_err(CodegenError::Plan)?;
-    let mut ids = Vec::new();
-    for (index, &id) in plan.order().iter().enumerate() {
-        let node = graph.node(id);
-        if matches!(node.op, Op::Input | Op::Constant { .. }) {
-            continue;
-        }
-        let func = kernel::build(&mut module, graph, &plan, id).map_err(|message| {
-            CodegenError::Cranelift {
-                node: node.name.clone(),
-                message,
-            }
-        })?;
-        ids.push((index, func));
-    }
-    module
-        .finalize_definitions()
-        .map_err(|e| cranelift_error(e.to_string()))?;
+    let graph = graph.clone();
+    let description = describe::describe(&graph, &plan, graph.name())?;
+    let ids = define_kernels(&mut module, &graph, &plan, &description.kernel_nodes)?;
+    module.finalize_definitions().map_err(cranelift_error)?;
     let kernels = ids
         .into_iter()
-        .map(|(index, func)| {
-            // SAFETY: the function was defined with the `KernelFn` signature in `kernel::build`.
-            let f: KernelFn = unsafe { std::mem::transmute(module.get_finalized_function(func)) };
-            (index, f)
+        .map(|func| {
+            // SAFETY: the function was defined with the `Kernel` signature in `kernel::build`.
+            unsafe {
+                std::mem::transmute::<*const u8, kiln_runtime::Kernel>(
+                    module.get_finalized_function(func),
+                )
+            }
         })
         .collect();
-    let mut arena = Vec::new();
-    arena
-        .try_reserve_exact(plan.arena_bytes().div_ceil(8))
-        .map_err(|e| {
-            CodegenError::Plan(format!(
-                "cannot allocate {} bytes of buffers: {e}",
-                plan.arena_bytes()
-            ))
-        })?;
-    arena.resize(plan.arena_bytes().div_ceil(8), 0u64);
+    // SAFETY: the kernels were compiled from this plan, which the spec describes; the weights
+    // belong to `graph`, which the model keeps (its weight bytes are shared, not copied, so
+    // moving the graph does not move them).
+    let model =
+        unsafe { kiln_runtime::Model::new(description.spec, kernels, &description.weights) }?;
     Ok(JitModel {
-        graph: graph.clone(),
-        plan,
-        kernels,
-        arena,
+        model,
         _module: module,
+        _graph: graph,
     })
 }
 
 impl JitModel {
     /// Bytes of intermediate buffers, planned for the symbols' maxima.
     pub fn arena_bytes(&self) -> usize {
-        self.plan.arena_bytes()
+        self.model.spec().arena_bytes
     }
 
     /// Runs the model on named inputs; outputs in declaration order.
@@ -173,103 +202,80 @@ impl JitModel {
         &mut self,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<Vec<(String, Tensor)>, CodegenError> {
-        let bindings = interp::bind_symbols(&self.graph, inputs)?;
-        self.plan
-            .check(&self.graph, &bindings)
-            .map_err(CodegenError::Plan)?;
-        // Symbols no input binds are unused by the nodes (`Plan::check` evaluates every dim), so
-        // their value does not matter.
-        let symbols: Vec<i64> = self
-            .graph
-            .symbols()
+        let spec = self.model.spec();
+        let missing: Vec<&str> = spec
+            .inputs
             .iter()
-            .map(|s| bindings.get(&s.name).copied().unwrap_or(0))
+            .map(|i| i.name.as_str())
+            .filter(|name| !inputs.contains_key(*name))
             .collect();
-        let input_bytes: HashMap<&str, Vec<u8>> = inputs
+        if !missing.is_empty() {
+            return Err(CodegenError::Inputs(format!(
+                "missing inputs: {}",
+                missing.join(", ")
+            )));
+        }
+        let mut unknown: Vec<&str> = inputs
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !spec.inputs.iter().any(|i| i.name == *name))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            return Err(CodegenError::Inputs(format!(
+                "unknown inputs: {}",
+                unknown.join(", ")
+            )));
+        }
+        let ordered: Vec<(&Tensor, Vec<i64>, Vec<u64>, usize)> = spec
+            .inputs
             .iter()
-            .map(|(k, v)| (k.as_str(), v.to_le_bytes()))
-            .collect();
-        let arena = self.arena.as_mut_ptr().cast::<u8>();
-        let mut table: Vec<*mut u8> = Vec::with_capacity(self.plan.order().len());
-        for &id in self.plan.order() {
-            let node = self.graph.node(id);
-            let pointer = match &node.op {
-                Op::Input => input_bytes[node.name.as_str()].as_ptr().cast_mut(),
-                Op::Constant { weight } => {
-                    let stored = self.graph.weights().get(weight);
-                    let bytes = stored.and_then(|w| w.data.as_ref()).map(WeightBytes::bytes);
-                    let fail = |message: String| CodegenError::Run {
-                        node: node.name.clone(),
-                        op: "const".into(),
-                        message,
-                    };
-                    let bytes =
-                        bytes.ok_or_else(|| fail(format!("weight `{weight}` has no data")))?;
-                    let expected =
-                        stored.map_or(0, |w| w.numel().saturating_mul(w.dtype.size_bytes()));
-                    let typed = node
-                        .ty
-                        .shape
-                        .as_fixed()
-                        .map(|d| d.iter().product::<usize>() * node.ty.dtype.size_bytes());
-                    if bytes.len() != expected || typed != Some(expected) {
-                        return Err(fail(format!(
-                            "weight `{weight}` holds {} bytes, its type needs {expected}",
-                            bytes.len()
-                        )));
-                    }
-                    bytes.as_ptr().cast_mut()
+            .map(|i| {
+                let tensor = &inputs[&i.name];
+                let dims = tensor.shape().iter().map(|&d| d as i64).collect();
+                let bytes = tensor.to_le_bytes();
+                // Kernels and the runtime read elements in place: copy into aligned words.
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+                    let mut padded = [0u8; 8];
+                    padded[..chunk.len()].copy_from_slice(chunk);
+                    *word = u64::from_ne_bytes(padded);
                 }
-                // SAFETY: the plan keeps every offset plus its buffer within the arena.
-                _ => unsafe { arena.add(self.plan.offset(id)) },
-            };
-            table.push(pointer);
-        }
-        // SAFETY: the scratch space lies at the end of the arena.
-        table.push(unsafe { arena.add(self.plan.scratch_offset()) });
-        for &(index, kernel) in &self.kernels {
-            // SAFETY: every pointer in `table` addresses a buffer at least as large as its node's
-            // type at the maxima, the symbols are within their maxima (checked by bind_symbols),
-            // and the kernel reads and writes only within its operands' and output's dims.
-            let status = unsafe { kernel(table.as_ptr(), symbols.as_ptr()) };
-            if status != 0 {
-                let node = self.graph.node(self.plan.order()[index]);
-                return Err(CodegenError::Run {
-                    node: node.name.clone(),
-                    op: node.op.name().into(),
-                    message: kernel::status_message(status),
-                });
-            }
-        }
-        self.graph
-            .outputs()
+                (tensor, dims, words, bytes.len())
+            })
+            .collect();
+        let views: Vec<kiln_runtime::Input<'_>> = ordered
             .iter()
-            .map(|(name, id)| {
-                let node = self.graph.node(*id);
-                let dims = node
-                    .ty
-                    .shape
-                    .eval(&bindings)
-                    .map_err(|e| CodegenError::Run {
-                        node: node.name.clone(),
-                        op: node.op.name().into(),
-                        message: e.to_string(),
-                    })?;
-                let numel: usize = dims.iter().product();
-                let index = self.plan.index(*id);
-                // SAFETY: the buffer holds at least `numel` elements of the node's dtype.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(table[index], numel * node.ty.dtype.size_bytes())
-                };
-                let tensor = Tensor::from_le_bytes(node.ty.dtype, dims, bytes).map_err(|e| {
-                    CodegenError::Run {
-                        node: node.name.clone(),
-                        op: node.op.name().into(),
-                        message: e.0,
-                    }
-                })?;
-                Ok((name.clone(), tensor))
+            .map(|(tensor, dims, words, len)| kiln_runtime::Input {
+                dtype: describe::runtime_dtype(tensor.dtype()),
+                dims,
+                // SAFETY: `words` holds at least `len` bytes.
+                data: unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), *len) },
+            })
+            .collect();
+        let names: Vec<(String, DType)> = spec
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), ir_dtype(o.dtype)))
+            .collect();
+        let outputs = self.model.run(&views)?;
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(index, (name, dtype))| {
+                let dims = outputs.dims(index).map(|d| d as usize).collect();
+                let tensor = Tensor::from_le_bytes(dtype, dims, outputs.bytes(index))
+                    .map_err(|e| CodegenError::Inputs(format!("output `{name}`: {}", e.0)))?;
+                Ok((name, tensor))
             })
             .collect()
     }
+}
+
+/// kiln's dtype for the runtime's.
+fn ir_dtype(dtype: kiln_runtime::spec::DType) -> DType {
+    DType::ALL
+        .into_iter()
+        .find(|&d| describe::runtime_dtype(d) == dtype)
+        .expect("every runtime dtype is a kiln dtype")
 }

@@ -19,6 +19,9 @@ pub struct Plan {
 /// The largest arena a plan may reserve.
 pub const MAX_ARENA_BYTES: usize = 1 << 36;
 
+/// Scratch bytes per key an attention kernel needs: a score and a visibility flag, f32 each.
+pub const SCRATCH_BYTES_PER_KEY: usize = 8;
+
 /// Buffers start on cache-line boundaries.
 const ALIGN: usize = 64;
 
@@ -55,7 +58,7 @@ impl Plan {
             if let Op::Attention(_) = node.op {
                 // Scores and visibility flags (f32 each) per key, shared by every attention node in turn.
                 let keys = upper(&graph.node(graph.operands(id)[1]).ty.shape.0[2])?;
-                scratch_bytes = scratch_bytes.max(keys.saturating_mul(8));
+                scratch_bytes = scratch_bytes.max(keys.saturating_mul(SCRATCH_BYTES_PER_KEY));
             }
         }
         let scratch_offset = arena_bytes;
@@ -73,56 +76,6 @@ impl Plan {
         })
     }
 
-    /// Checks that every buffer and the scratch row hold the node's values at these symbol
-    /// values, so that no kernel can write past its buffer even if a bound were wrong.
-    pub fn check(&self, graph: &Graph, bindings: &HashMap<String, i64>) -> Result<(), String> {
-        let bytes_at = |node: &kiln_ir::Node, dims: &[kiln_ir::Dim]| -> Result<usize, String> {
-            dims.iter()
-                .map(|d| {
-                    d.eval(bindings)
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| usize::try_from(v).map_err(|_| format!("dim {d} is {v}")))
-                })
-                .try_fold(node.ty.dtype.size_bytes(), |acc, d| {
-                    d.and_then(|d| {
-                        acc.checked_mul(d)
-                            .ok_or_else(|| "size overflows".to_string())
-                    })
-                })
-                .map_err(|e| format!("node %{}: {e}", node.name))
-        };
-        for (&id, &(_, reserved)) in &self.buffers {
-            let node = graph.node(id);
-            let mut unbound = None;
-            node.op.for_each_dim(|d| {
-                if let Err(e) = d.eval(bindings) {
-                    unbound.get_or_insert(e);
-                }
-            });
-            if let Some(error) = unbound {
-                return Err(format!("node %{}: {error}", node.name));
-            }
-            let needed = bytes_at(node, &node.ty.shape.0)?;
-            if needed > reserved {
-                return Err(format!(
-                    "node %{} needs {needed} bytes at these dims, the plan reserved {reserved}",
-                    node.name
-                ));
-            }
-            if let Op::Attention(_) = node.op {
-                let keys = &graph.node(graph.operands(id)[1]).ty.shape.0[2];
-                let row = keys.eval(bindings).map_err(|e| e.to_string())?.max(0) as usize * 8;
-                if row > self.scratch_bytes {
-                    return Err(format!(
-                        "node %{}: {row} bytes of scores exceed the planned scratch of {}",
-                        node.name, self.scratch_bytes
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Nodes in execution order (the graph's canonical order).
     pub fn order(&self) -> &[NodeId] {
         &self.order
@@ -136,6 +89,16 @@ impl Plan {
     /// Arena offset of a computed node.
     pub fn offset(&self, id: NodeId) -> usize {
         self.buffers[&id].0
+    }
+
+    /// Bytes reserved for a computed node.
+    pub fn reserved(&self, id: NodeId) -> usize {
+        self.buffers[&id].1
+    }
+
+    /// Bytes of the scratch space.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch_bytes
     }
 
     /// Arena offset of the scratch space kernels share (one at a time).

@@ -1,10 +1,39 @@
-//! The runtime kiln's generated code calls into. It knows nothing of the compiler: plain
-//! `extern "C"` functions over raw buffers, each choosing the best code path for this CPU once.
-//!
-//! Today: [`kiln_sgemm`], the f32 matrix product `C = A · B` for row-major `A` and `B`, with
-//! AVX-512 and AVX2 (FMA) paths and a portable one.
+//! The runtime kiln's generated code calls and runs inside. It knows nothing of the compiler:
+//! a model arrives as a [`ModelSpec`] (inputs, outputs, symbols, buffer table, checks) and a list
+//! of compiled kernels, and the runtime binds the inputs, checks every dim and buffer, and runs
+//! the kernels over one arena ([`Model`]). Around it: the C API every generated library
+//! forwards to ([`capi`]), the `main` of generated executables, the external weight file
+//! format, and the `extern "C"` functions kernels call: [`kiln_sgemm`] (AVX-512, AVX2 or
+//! portable, chosen once at start-up) and scalar math.
 #![warn(missing_docs)]
 
+pub mod capi;
+mod exe;
+pub mod math;
+mod model;
 mod sgemm;
+pub mod spec;
+pub mod weights;
 
+pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
 pub use sgemm::kiln_sgemm;
+pub use spec::ModelSpec;
+
+/// Every function generated code may call, by symbol name: what a JIT registers and what the
+/// runtime's static library exports to compiled objects.
+pub fn symbols() -> [(&'static str, *const u8); 12] {
+    [
+        ("kiln_sgemm", kiln_sgemm as *const u8),
+        ("kiln_log", math::kiln_log as *const u8),
+        ("kiln_tanh", math::kiln_tanh as *const u8),
+        ("kiln_gelu", math::kiln_gelu as *const u8),
+        ("kiln_gelu_tanh", math::kiln_gelu_tanh as *const u8),
+        ("kiln_sin", math::kiln_sin as *const u8),
+        ("kiln_cos", math::kiln_cos as *const u8),
+        ("kiln_pow", math::kiln_pow as *const u8),
+        ("kiln_mod", math::kiln_mod as *const u8),
+        ("kiln_rem", math::kiln_rem as *const u8),
+        ("kiln_rope_cos", math::kiln_rope_cos as *const u8),
+        ("kiln_rope_sin", math::kiln_rope_sin as *const u8),
+    ]
+}

@@ -1,0 +1,247 @@
+//! The runtime's view of a planned graph: the [`ModelSpec`] (symbols, inputs, outputs, buffer
+//! table, checks, kernel names) and the bytes of each weight, in the order of the weight blob.
+//! The JIT and the object backend describe a model the same way, so the runtime code they run
+//! is the same.
+
+use crate::plan::Plan;
+use crate::CodegenError;
+use kiln_ir::{DType, Dim, Graph, NodeId, Op, WeightBytes};
+use kiln_runtime::spec::{
+    BufferCheck, DimExpr, KernelSpec, ModelSpec, Slot, SymbolSpec, TensorSpec, WeightSpec,
+};
+use std::collections::HashMap;
+
+/// Weights start on cache-line boundaries in the blob.
+const WEIGHT_ALIGN: usize = 64;
+
+/// A model as the runtime sees it, with its weights' bytes.
+pub(crate) struct Description<'g> {
+    pub spec: ModelSpec,
+    /// The bytes of each weight of `spec.weights`.
+    pub weights: Vec<&'g [u8]>,
+    /// The nodes with kernels, in execution order (`spec.kernels`'s order).
+    pub kernel_nodes: Vec<NodeId>,
+}
+
+/// The runtime's dtype for kiln's.
+pub(crate) fn runtime_dtype(dtype: DType) -> kiln_runtime::spec::DType {
+    use kiln_runtime::spec::DType as R;
+    match dtype {
+        DType::F32 => R::F32,
+        DType::F16 => R::F16,
+        DType::BF16 => R::BF16,
+        DType::I64 => R::I64,
+        DType::I32 => R::I32,
+        DType::I8 => R::I8,
+        DType::U8 => R::U8,
+        DType::Bool => R::Bool,
+    }
+}
+
+/// Interns dim expressions into the spec's table.
+struct Dims<'g> {
+    symbols: HashMap<&'g str, usize>,
+    index: HashMap<Dim, usize>,
+    table: Vec<DimExpr>,
+}
+
+impl Dims<'_> {
+    fn expr(&self, dim: &Dim) -> DimExpr {
+        let pair = |a: &Dim, b: &Dim| (Box::new(self.expr(a)), Box::new(self.expr(b)));
+        match dim {
+            Dim::Const(v) => DimExpr::Const(*v),
+            // Every symbol a dim names is declared: the verifier checks it.
+            Dim::Sym(name) => DimExpr::Sym(
+                self.symbols
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or(usize::MAX),
+            ),
+            Dim::Add(a, b) => {
+                let (a, b) = pair(a, b);
+                DimExpr::Add(a, b)
+            }
+            Dim::Sub(a, b) => {
+                let (a, b) = pair(a, b);
+                DimExpr::Sub(a, b)
+            }
+            Dim::Mul(a, b) => {
+                let (a, b) = pair(a, b);
+                DimExpr::Mul(a, b)
+            }
+            Dim::Div(a, b) => {
+                let (a, b) = pair(a, b);
+                DimExpr::Div(a, b)
+            }
+        }
+    }
+
+    fn intern(&mut self, dim: &Dim) -> usize {
+        if let Some(&index) = self.index.get(dim) {
+            return index;
+        }
+        let expr = self.expr(dim);
+        self.table.push(expr);
+        self.index.insert(dim.clone(), self.table.len() - 1);
+        self.table.len() - 1
+    }
+
+    fn shape(&mut self, dims: &[Dim]) -> Vec<usize> {
+        dims.iter().map(|d| self.intern(d)).collect()
+    }
+}
+
+/// Describes `graph` as planned by `plan`, under the C name `name`.
+pub(crate) fn describe<'g>(
+    graph: &'g Graph,
+    plan: &Plan,
+    name: &str,
+) -> Result<Description<'g>, CodegenError> {
+    let mut dims = Dims {
+        symbols: graph
+            .symbols()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect(),
+        index: HashMap::new(),
+        table: Vec::new(),
+    };
+    let tensor = |dims: &mut Dims, id: NodeId, name: &str| {
+        let node = graph.node(id);
+        TensorSpec {
+            name: name.to_string(),
+            dtype: runtime_dtype(node.ty.dtype),
+            dims: dims.shape(&node.ty.shape.0),
+            slot: plan.index(id),
+        }
+    };
+    let inputs: Vec<TensorSpec> = graph
+        .inputs()
+        .iter()
+        .map(|&id| tensor(&mut dims, id, &graph.node(id).name))
+        .collect();
+    let outputs: Vec<TensorSpec> = graph
+        .outputs()
+        .iter()
+        .map(|(name, id)| tensor(&mut dims, *id, name))
+        .collect();
+    let mut slots = Vec::with_capacity(plan.order().len() + 1);
+    let mut weights: Vec<WeightSpec> = Vec::new();
+    let mut weight_bytes: Vec<&[u8]> = Vec::new();
+    let mut weight_index: HashMap<&str, usize> = HashMap::new();
+    let mut blob_len = 0usize;
+    let mut buffers = Vec::new();
+    let mut kernels = Vec::new();
+    let mut kernel_nodes = Vec::new();
+    for &id in plan.order() {
+        let node = graph.node(id);
+        let slot = match &node.op {
+            Op::Input => Slot::Input(
+                graph
+                    .inputs()
+                    .iter()
+                    .position(|&i| i == id)
+                    .unwrap_or(usize::MAX),
+            ),
+            Op::Constant { weight } => {
+                if let Some(&index) = weight_index.get(weight.as_str()) {
+                    Slot::Weight(index)
+                } else {
+                    let bytes = weight_data(graph, id, weight)?;
+                    let offset = blob_len.div_ceil(WEIGHT_ALIGN) * WEIGHT_ALIGN;
+                    blob_len = offset + bytes.len();
+                    weights.push(WeightSpec {
+                        node: node.name.clone(),
+                        offset,
+                        bytes: bytes.len(),
+                    });
+                    weight_bytes.push(bytes);
+                    weight_index.insert(weight, weights.len() - 1);
+                    Slot::Weight(weights.len() - 1)
+                }
+            }
+            _ => {
+                node.op.for_each_dim(|d| {
+                    dims.intern(d);
+                });
+                buffers.push(BufferCheck {
+                    node: node.name.clone(),
+                    element_bytes: node.ty.dtype.size_bytes(),
+                    dims: dims.shape(&node.ty.shape.0),
+                    reserved: plan.reserved(id),
+                });
+                if let Op::Attention(_) = node.op {
+                    let keys = &graph.node(graph.operands(id)[1]).ty.shape.0[2];
+                    buffers.push(BufferCheck {
+                        node: node.name.clone(),
+                        element_bytes: crate::plan::SCRATCH_BYTES_PER_KEY,
+                        dims: vec![dims.intern(keys)],
+                        reserved: plan.scratch_bytes(),
+                    });
+                }
+                kernels.push(KernelSpec {
+                    node: node.name.clone(),
+                    op: node.op.name().to_string(),
+                });
+                kernel_nodes.push(id);
+                Slot::Arena(plan.offset(id))
+            }
+        };
+        slots.push(slot);
+    }
+    slots.push(Slot::Arena(plan.scratch_offset()));
+    Ok(Description {
+        spec: ModelSpec {
+            name: name.to_string(),
+            symbols: graph
+                .symbols()
+                .iter()
+                .map(|s| SymbolSpec {
+                    name: s.name.clone(),
+                    max: s.max,
+                })
+                .collect(),
+            dims: dims.table,
+            inputs,
+            outputs,
+            slots,
+            weights,
+            buffers,
+            kernels,
+            arena_bytes: plan.arena_bytes(),
+            weight_bytes: blob_len,
+            weights_id: 0,
+        },
+        weights: weight_bytes,
+        kernel_nodes,
+    })
+}
+
+/// The bytes of a constant node's weight, checked against the node's type.
+fn weight_data<'g>(graph: &'g Graph, id: NodeId, weight: &str) -> Result<&'g [u8], CodegenError> {
+    let node = graph.node(id);
+    let fail = |message: String| CodegenError::Weights {
+        node: node.name.clone(),
+        message,
+    };
+    let stored = graph.weights().get(weight);
+    let bytes = stored
+        .and_then(|w| w.data.as_ref())
+        .map(WeightBytes::bytes)
+        .ok_or_else(|| fail(format!("weight `{weight}` has no data")))?;
+    let expected = stored.map_or(0, |w| w.numel().saturating_mul(w.dtype.size_bytes()));
+    let typed = node
+        .ty
+        .shape
+        .as_fixed()
+        .map(|d| d.iter().product::<usize>() * node.ty.dtype.size_bytes());
+    if bytes.len() != expected || typed != Some(expected) {
+        return Err(fail(format!(
+            "weight `{weight}` holds {} bytes, its type needs {}",
+            bytes.len(),
+            typed.map_or("a fixed shape".into(), |t| t.to_string())
+        )));
+    }
+    Ok(bytes)
+}

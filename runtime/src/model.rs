@@ -1,0 +1,385 @@
+//! Running a compiled model: inputs checked against the spec and bound to the symbols, every dim
+//! and buffer checked at those values, then the kernels in order over one arena allocated once.
+//! `run` allocates nothing.
+
+use crate::spec::{DType, DimError, ModelSpec, Slot};
+use std::fmt;
+
+/// A compiled kernel: `(buffer table, symbol values) -> status`, 0 on success.
+pub type Kernel = unsafe extern "C" fn(*const *mut u8, *const i64) -> i32;
+
+/// The classes of errors, with the codes the C API returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ErrorCode {
+    /// A required pointer was null.
+    NullPointer = 1,
+    /// The inputs do not fit the model: count, dtype, rank, dims or size.
+    Input = 2,
+    /// The output buffers do not fit the outputs: count, dtype, rank or capacity.
+    Output = 3,
+    /// The weights could not be loaded or do not belong to this model.
+    Weights = 4,
+    /// A kernel failed at run time (an index out of range, a division by zero).
+    Kernel = 5,
+    /// Memory for the model's buffers could not be allocated.
+    Memory = 6,
+    /// The model's own description is invalid, or the runtime failed internally.
+    Internal = 7,
+}
+
+/// An error with its class and a message naming what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// The class.
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl Error {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// One input of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Dims.
+    pub dims: &'a [i64],
+    /// Little-endian values, row-major: at least the product of the dims times the element size,
+    /// aligned to the element size.
+    pub data: &'a [u8],
+}
+
+/// A model ready to run: its spec, kernels, weights and arena.
+pub struct Model {
+    spec: ModelSpec,
+    kernels: Vec<Kernel>,
+    arena: Vec<u64>,
+    /// One pointer per slot of the spec's buffer table; input slots are set by each run.
+    table: Vec<*mut u8>,
+    /// Symbol values as bound by the inputs (`None` when no input binds the symbol).
+    bindings: Vec<Option<i64>>,
+    /// Symbol values as the kernels read them.
+    symbols: Vec<i64>,
+    /// Every dim of the spec at the current bindings.
+    dim_values: Vec<i64>,
+    /// Keeps memory-mapped weights alive.
+    pub(crate) _weights: Option<memmap2::Mmap>,
+}
+
+impl Model {
+    /// A model over its spec, compiled kernels and weights (one byte slice per weight of the spec).
+    ///
+    /// # Safety
+    /// `kernels` must be this spec's kernels, each reading and writing only within the buffers
+    /// the spec gives it whenever the spec's checks pass; the weight bytes must stay valid and
+    /// unchanged for as long as the model lives.
+    pub unsafe fn new(
+        spec: ModelSpec,
+        kernels: Vec<Kernel>,
+        weights: &[&[u8]],
+    ) -> Result<Model, Error> {
+        let internal = |message: String| Error::new(ErrorCode::Internal, message);
+        if kernels.len() != spec.kernels.len() {
+            return Err(internal(format!(
+                "{} kernels for {} described",
+                kernels.len(),
+                spec.kernels.len()
+            )));
+        }
+        if weights.len() != spec.weights.len() {
+            return Err(internal(format!(
+                "{} weights for {} described",
+                weights.len(),
+                spec.weights.len()
+            )));
+        }
+        for (weight, bytes) in spec.weights.iter().zip(weights) {
+            if bytes.len() != weight.bytes {
+                return Err(Error::new(
+                    ErrorCode::Weights,
+                    format!(
+                        "weight of %{} holds {} bytes, the model needs {}",
+                        weight.node,
+                        bytes.len(),
+                        weight.bytes
+                    ),
+                ));
+            }
+        }
+        let mut arena: Vec<u64> = Vec::new();
+        arena
+            .try_reserve_exact(spec.arena_bytes.div_ceil(8))
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::Memory,
+                    format!("cannot allocate {} bytes of buffers: {e}", spec.arena_bytes),
+                )
+            })?;
+        arena.resize(spec.arena_bytes.div_ceil(8), 0);
+        let base = arena.as_mut_ptr().cast::<u8>();
+        let table = spec
+            .slots
+            .iter()
+            .map(|slot| match *slot {
+                Slot::Input(index) if index < spec.inputs.len() => Ok(std::ptr::null_mut()),
+                Slot::Weight(index) => weights
+                    .get(index)
+                    .map(|bytes| bytes.as_ptr().cast_mut())
+                    .ok_or_else(|| internal(format!("slot names weight {index}"))),
+                Slot::Arena(offset) if offset <= spec.arena_bytes => {
+                    // SAFETY: the offset lies within the arena.
+                    Ok(unsafe { base.add(offset) })
+                }
+                ref other => Err(internal(format!("invalid slot {other:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let slot_ok = |slot: usize| slot < table.len();
+        if !spec
+            .inputs
+            .iter()
+            .chain(&spec.outputs)
+            .all(|t| slot_ok(t.slot))
+        {
+            return Err(internal("an input or output names no slot".into()));
+        }
+        if !spec
+            .dims
+            .iter()
+            .all(|d| d.symbols_within(spec.symbols.len()))
+        {
+            return Err(internal("a dim names no symbol".into()));
+        }
+        let dim_ok = |dims: &[usize]| dims.iter().all(|&d| d < spec.dims.len());
+        if !spec
+            .inputs
+            .iter()
+            .chain(&spec.outputs)
+            .all(|t| dim_ok(&t.dims))
+            || !spec.buffers.iter().all(|b| dim_ok(&b.dims))
+        {
+            return Err(internal("a tensor names no dim".into()));
+        }
+        Ok(Model {
+            bindings: vec![None; spec.symbols.len()],
+            symbols: vec![0; spec.symbols.len()],
+            dim_values: vec![0; spec.dims.len()],
+            spec,
+            kernels,
+            arena,
+            table,
+            _weights: None,
+        })
+    }
+
+    /// The model's description.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Runs the model; the outputs stay readable in the returned view until the next run.
+    pub fn run<'a>(&'a mut self, inputs: &[Input<'a>]) -> Result<Outputs<'a>, Error> {
+        self.bind(inputs)?;
+        for (spec, input) in self.spec.inputs.iter().zip(inputs) {
+            // Kernels only read their operands, so the input's bytes are never written.
+            self.table[spec.slot] = if input.data.is_empty() {
+                self.arena.as_mut_ptr().cast()
+            } else {
+                input.data.as_ptr().cast_mut()
+            };
+        }
+        for (index, kernel) in self.kernels.iter().enumerate() {
+            // SAFETY: `bind` checked the inputs' sizes, every dim and every buffer's size at these
+            // symbol values; the kernels' contract (`Model::new`) does the rest.
+            let status = unsafe { kernel(self.table.as_ptr(), self.symbols.as_ptr()) };
+            if status != 0 {
+                let spec = &self.spec.kernels[index];
+                return Err(Error::new(
+                    ErrorCode::Kernel,
+                    format!(
+                        "node %{} ({}): {}",
+                        spec.node,
+                        spec.op,
+                        crate::spec::status_message(status)
+                    ),
+                ));
+            }
+        }
+        Ok(Outputs { model: self })
+    }
+
+    fn dim_error(&self, index: usize, error: DimError) -> Error {
+        let expr = self.spec.dims[index].display(&self.spec.symbols);
+        let why = match error {
+            DimError::Unbound(symbol) => format!(
+                "no input binds symbol `{}`",
+                self.spec
+                    .symbols
+                    .get(symbol)
+                    .map_or("?", |s| s.name.as_str())
+            ),
+            DimError::DivisionByZero => "it divides by zero".into(),
+            DimError::Overflow => "it overflows".into(),
+        };
+        Error::new(
+            ErrorCode::Input,
+            format!("dim `{expr}` has no value at these inputs: {why}"),
+        )
+    }
+
+    /// Checks the inputs against the spec, binds the symbols and evaluates every dim.
+    fn bind(&mut self, inputs: &[Input<'_>]) -> Result<(), Error> {
+        let spec = &self.spec;
+        let input_error = |message: String| Error::new(ErrorCode::Input, message);
+        if inputs.len() != spec.inputs.len() {
+            return Err(input_error(format!(
+                "{} inputs given, the model takes {}",
+                inputs.len(),
+                spec.inputs.len()
+            )));
+        }
+        self.bindings.fill(None);
+        for (tensor, input) in spec.inputs.iter().zip(inputs) {
+            let fail = |what: String| input_error(format!("input `{}`: {what}", tensor.name));
+            if input.dtype != tensor.dtype {
+                return Err(fail(format!(
+                    "dtype {}, expected {}",
+                    input.dtype, tensor.dtype
+                )));
+            }
+            if input.dims.len() != tensor.dims.len() {
+                return Err(fail(format!(
+                    "rank {}, expected {}",
+                    input.dims.len(),
+                    tensor.dims.len()
+                )));
+            }
+            for (axis, (&dim, &actual)) in tensor.dims.iter().zip(input.dims).enumerate() {
+                if let crate::spec::DimExpr::Sym(symbol) = spec.dims[dim] {
+                    let declared = &spec.symbols[symbol];
+                    if let Some(bound) = self.bindings[symbol] {
+                        if bound != actual {
+                            return Err(fail(format!(
+                                "axis {axis} is {actual}, but {} is already bound to {bound}",
+                                declared.name
+                            )));
+                        }
+                    }
+                    if actual < 1 || actual > declared.max {
+                        return Err(fail(format!(
+                            "axis {axis}: {} = {actual} is outside 1..={}",
+                            declared.name, declared.max
+                        )));
+                    }
+                    self.bindings[symbol] = Some(actual);
+                }
+            }
+        }
+        for (value, symbol) in self.symbols.iter_mut().zip(&self.bindings) {
+            *value = symbol.unwrap_or(0);
+        }
+        for index in 0..spec.dims.len() {
+            self.dim_values[index] = spec.dims[index]
+                .eval(&self.bindings)
+                .map_err(|e| self.dim_error(index, e))?;
+        }
+        let spec = &self.spec;
+        let values = &self.dim_values;
+        let bytes = |dims: &[usize], element: usize| -> Option<usize> {
+            dims.iter().try_fold(element, |acc, &d| {
+                acc.checked_mul(usize::try_from(values[d]).ok()?)
+            })
+        };
+        for (tensor, input) in spec.inputs.iter().zip(inputs) {
+            let shape = |dims: &[usize]| {
+                dims.iter()
+                    .map(|&d| values[d].to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            };
+            for (axis, (&dim, &actual)) in tensor.dims.iter().zip(input.dims).enumerate() {
+                if values[dim] != actual {
+                    return Err(input_error(format!(
+                        "input `{}`: axis {axis} is {actual}, expected {} ({})",
+                        tensor.name,
+                        values[dim],
+                        spec.dims[dim].display(&spec.symbols)
+                    )));
+                }
+            }
+            if input.data.as_ptr().align_offset(tensor.dtype.size_bytes()) != 0 {
+                return Err(input_error(format!(
+                    "input `{}`: data is not aligned to its {}-byte elements",
+                    tensor.name,
+                    tensor.dtype.size_bytes()
+                )));
+            }
+            let needed = bytes(&tensor.dims, tensor.dtype.size_bytes()).ok_or_else(|| {
+                input_error(format!("input `{}`: its size overflows", tensor.name))
+            })?;
+            if input.data.len() < needed {
+                return Err(input_error(format!(
+                    "input `{}` holds {} bytes, {} {} needs {needed}",
+                    tensor.name,
+                    input.data.len(),
+                    tensor.dtype,
+                    shape(&tensor.dims)
+                )));
+            }
+        }
+        for buffer in &spec.buffers {
+            match bytes(&buffer.dims, buffer.element_bytes) {
+                Some(needed) if needed <= buffer.reserved => {}
+                needed => {
+                    return Err(input_error(format!(
+                        "node %{} needs {} bytes at these inputs, the plan reserved {}",
+                        buffer.node,
+                        needed.map_or("too many".into(), |n| n.to_string()),
+                        buffer.reserved
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outputs of the last run.
+pub struct Outputs<'a> {
+    model: &'a Model,
+}
+
+impl Outputs<'_> {
+    /// The dims of output `index` (in the spec's order).
+    pub fn dims(&self, index: usize) -> impl Iterator<Item = i64> + '_ {
+        self.model.spec.outputs[index]
+            .dims
+            .iter()
+            .map(|&d| self.model.dim_values[d])
+    }
+
+    /// The bytes of output `index`.
+    pub fn bytes(&self, index: usize) -> &[u8] {
+        let spec = &self.model.spec.outputs[index];
+        let numel: i64 = self.dims(index).product();
+        let len = usize::try_from(numel).unwrap_or(0) * spec.dtype.size_bytes();
+        // SAFETY: the slot holds the node's values at the bound dims (checked by `bind`).
+        unsafe { std::slice::from_raw_parts(self.model.table[spec.slot], len) }
+    }
+}
