@@ -59,6 +59,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Jit)]
         backend: Backend,
     },
+    /// Compile a model into an object file, a shared library with its C header, and an executable
+    /// with the `--inputs`/`--output` contract of `kiln run`.
+    Compile {
+        /// An `.onnx` file, a safetensors model directory, a `.gguf` or a `.kir` file.
+        model: PathBuf,
+        /// Input dims: `input_ids=1x128`, or symbolic with maxima `input_ids=batch:8xseq:512`.
+        #[arg(long = "shape", value_name = "INPUT=DIMS")]
+        shapes: Vec<String>,
+        /// The directory to write `NAME.o`, `NAME.h`, `libNAME.so` and `NAME` into.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The C name of the model (default: the model file's name, as an identifier).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the weights go: in the object, or in `NAME.weights` beside it (memory-mapped).
+        #[arg(long, value_enum, default_value_t = Weights::Embedded)]
+        weights: Weights,
+    },
     /// Report which of a model's ops kiln supports (ONNX), or whether it loads (other formats).
     Check {
         /// An `.onnx` file, a safetensors model directory, a `.gguf` or a `.kir` file.
@@ -90,6 +108,15 @@ enum Backend {
     Interp,
     /// Native code compiled in memory with Cranelift (a subset of the ops so far).
     Jit,
+}
+
+/// Where compiled weights go.
+#[derive(Clone, Copy, ValueEnum)]
+enum Weights {
+    /// In a read-only section of the object.
+    Embedded,
+    /// In `NAME.weights` beside the artifacts, memory-mapped at run time.
+    External,
 }
 
 fn parse_binding(arg: &str) -> Result<(String, i64), String> {
@@ -230,6 +257,38 @@ fn bench(
     Ok(())
 }
 
+fn compile(
+    model: &Path,
+    shapes: &[String],
+    output: &Path,
+    name: Option<&str>,
+    weights: Weights,
+) -> Result<()> {
+    let graph = load_model(model, shapes)?;
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => kiln_codegen::aot::c_identifier(
+            &model
+                .file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy()),
+        ),
+    };
+    let placement = match weights {
+        Weights::Embedded => kiln_codegen::aot::WeightPlacement::Embedded,
+        Weights::External => kiln_codegen::aot::WeightPlacement::External,
+    };
+    let artifacts = kiln_codegen::aot::compile(&graph, &name, placement)
+        .with_context(|| format!("compiling {}", model.display()))?;
+    let linked = kiln_codegen::aot::link(&artifacts, output)?;
+    for command in &linked.commands {
+        println!("$ {command}");
+    }
+    for file in &linked.files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
 fn check(model: &Path) -> Result<()> {
     if model.extension().and_then(|e| e.to_str()) != Some("onnx") {
         let graph = load_model(model, &[])?;
@@ -305,6 +364,13 @@ fn main() -> ExitCode {
             json,
         } => inspect(model, shapes, dims, *json),
         Command::Check { model } => check(model),
+        Command::Compile {
+            model,
+            shapes,
+            output,
+            name,
+            weights,
+        } => compile(model, shapes, output, name.as_deref(), *weights),
         Command::Bench {
             model,
             shapes,

@@ -40,12 +40,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 .ok_or_else(|| format!("--bench {v}: expected a positive number of runs"))
         })
         .transpose()?;
+    let inputs = PathBuf::from(values.get("--inputs").ok_or("--inputs is required")?);
     let output = values.get("--output").map(PathBuf::from);
     if output.is_none() && bench.is_none() {
         return Err("--output is required (unless --bench is given)".into());
     }
     Ok(Args {
-        inputs: PathBuf::from(values.get("--inputs").ok_or("--inputs is required")?),
+        inputs,
         output,
         weights: values.get("--weights").map(PathBuf::from),
         bench,

@@ -28,6 +28,51 @@ pub enum ErrorCode {
     Internal = 7,
 }
 
+impl ErrorCode {
+    /// Every code, in numeric order.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::NullPointer,
+        ErrorCode::Input,
+        ErrorCode::Output,
+        ErrorCode::Weights,
+        ErrorCode::Kernel,
+        ErrorCode::Memory,
+        ErrorCode::Internal,
+    ];
+
+    /// The C name's suffix (`KILN_ERROR_<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::NullPointer => "NULL_POINTER",
+            ErrorCode::Input => "INPUT",
+            ErrorCode::Output => "OUTPUT",
+            ErrorCode::Weights => "WEIGHTS",
+            ErrorCode::Kernel => "KERNEL",
+            ErrorCode::Memory => "MEMORY",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    /// What the code means, for the generated header.
+    pub fn description(self) -> &'static str {
+        match self {
+            ErrorCode::NullPointer => "a required pointer was null",
+            ErrorCode::Input => {
+                "the inputs do not fit the model: count, dtype, rank, dims, size or alignment"
+            }
+            ErrorCode::Output => {
+                "the output tensors do not fit the outputs: count, dtype, rank or capacity"
+            }
+            ErrorCode::Weights => "the weights could not be loaded or belong to another model",
+            ErrorCode::Kernel => {
+                "a kernel failed at run time (an index out of range, a division by zero)"
+            }
+            ErrorCode::Memory => "the model's buffers could not be allocated",
+            ErrorCode::Internal => "the model's description is invalid or the runtime failed",
+        }
+    }
+}
+
 /// An error with its class and a message naming what was wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
