@@ -96,7 +96,7 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
         /// How to execute the model.
-        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        #[arg(long, value_enum, default_value_t = Backend::Jit)]
         backend: Backend,
     },
 }
@@ -106,8 +106,20 @@ enum Command {
 enum Backend {
     /// The reference interpreter: slow, exact, the oracle for every other backend.
     Interp,
-    /// Native code compiled in memory with Cranelift (a subset of the ops so far).
+    /// Native code compiled in memory with Cranelift.
     Jit,
+    /// The executable `kiln compile` makes, built in a temporary directory and run.
+    Aot,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Interp => "interp",
+            Backend::Jit => "jit",
+            Backend::Aot => "aot",
+        }
+    }
 }
 
 /// Where compiled weights go.
@@ -214,10 +226,20 @@ fn bench(
         Some(path) => kiln_ir::load_tensors(path)?.into_iter().collect(),
         None => synthetic_inputs(&graph, dims)?,
     };
+    let shapes: Vec<String> = feed.iter().map(|(name, t)| format!("{name}={t}")).collect();
+    println!(
+        "{} ({}), inputs {}",
+        model.display(),
+        backend.name(),
+        shapes.join(" ")
+    );
+    if let Backend::Aot = backend {
+        return bench_executable(&graph, &feed, load_ms, iters, warmup);
+    }
     let started = std::time::Instant::now();
     let mut jit = match backend {
         Backend::Jit => Some(kiln_codegen::compile_jit(&graph)?),
-        Backend::Interp => None,
+        _ => None,
     };
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut run_once = || -> Result<()> {
@@ -237,16 +259,6 @@ fn bench(
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    let shapes: Vec<String> = feed.iter().map(|(name, t)| format!("{name}={t}")).collect();
-    println!(
-        "{} ({}), inputs {}",
-        model.display(),
-        match backend {
-            Backend::Jit => "jit",
-            Backend::Interp => "interp",
-        },
-        shapes.join(" ")
-    );
     println!("load: {load_ms:.1} ms, compile: {compile_ms:.1} ms");
     println!(
         "run: median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({iters} runs after {warmup} warm-up, 1 thread)",
@@ -254,6 +266,57 @@ fn bench(
         quantile(&times, 0.1),
         quantile(&times, 0.9)
     );
+    Ok(())
+}
+
+/// Compiles the graph into an executable (weights external) in a temporary directory and times
+/// it with its own `--bench` mode, which runs the model in-process after warm-up.
+fn bench_executable(
+    graph: &Graph,
+    feed: &HashMap<String, Tensor>,
+    load_ms: f64,
+    iters: usize,
+    warmup: usize,
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let started = std::time::Instant::now();
+    let artifacts =
+        kiln_codegen::aot::compile(graph, "model", kiln_codegen::aot::WeightPlacement::External)?;
+    kiln_codegen::aot::link(&artifacts, dir.path())?;
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    let input_file = dir.path().join("inputs.safetensors");
+    let mut inputs: Vec<(String, Tensor)> =
+        feed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    inputs.sort_by(|a, b| a.0.cmp(&b.0));
+    kiln_ir::save_tensors(&input_file, &inputs)?;
+    let output = std::process::Command::new(dir.path().join("model"))
+        .arg("--inputs")
+        .arg(&input_file)
+        .args([
+            "--bench",
+            &iters.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+        ])
+        .output()
+        .context("running the compiled executable")?;
+    if !output.status.success() {
+        bail!(
+            "the compiled executable failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let executable_load = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("load: "))
+        .unwrap_or("?");
+    println!(
+        "load: {load_ms:.1} ms, compile and link: {compile_ms:.1} ms, executable start: {executable_load}"
+    );
+    for line in stdout.lines().filter(|l| l.starts_with("run: ")) {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -337,8 +400,30 @@ fn run(
     backend: Backend,
 ) -> Result<()> {
     let graph = load_model(model, shapes)?;
+    if let Backend::Aot = backend {
+        let dir = tempfile::tempdir()?;
+        let artifacts = kiln_codegen::aot::compile(
+            &graph,
+            "model",
+            kiln_codegen::aot::WeightPlacement::External,
+        )
+        .with_context(|| format!("compiling {}", model.display()))?;
+        kiln_codegen::aot::link(&artifacts, dir.path())?;
+        let status = std::process::Command::new(dir.path().join("model"))
+            .arg("--inputs")
+            .arg(inputs)
+            .arg("--output")
+            .arg(output)
+            .status()
+            .context("running the compiled executable")?;
+        if !status.success() {
+            bail!("the compiled executable failed ({status})");
+        }
+        return Ok(());
+    }
     let inputs: HashMap<String, Tensor> = kiln_ir::load_tensors(inputs)?.into_iter().collect();
     let outputs = match backend {
+        Backend::Aot => unreachable!("handled above"),
         Backend::Interp => {
             interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?
         }

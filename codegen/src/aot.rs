@@ -91,7 +91,7 @@ pub fn compile(
     } = describe(graph, &plan, name)?;
     let mut blob = vec![0u8; spec.weight_bytes];
     for (weight, bytes) in spec.weights.iter().zip(&weights) {
-        blob[weight.offset..weight.offset + weight.bytes].copy_from_slice(bytes);
+        blob[weight.offset..weight.offset + weight.bytes].copy_from_slice(bytes.as_ref());
     }
     spec.weights_id = kiln_runtime::spec::weights_hash(&blob);
     let isa = host_isa(true)?;

@@ -9,6 +9,7 @@ use kiln_ir::{DType, Dim, Graph, NodeId, Op, WeightBytes};
 use kiln_runtime::spec::{
     BufferCheck, DimExpr, KernelSpec, ModelSpec, Slot, SymbolSpec, TensorSpec, WeightSpec,
 };
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Weights start on cache-line boundaries in the blob.
@@ -17,8 +18,8 @@ const WEIGHT_ALIGN: usize = 64;
 /// A model as the runtime sees it, with its weights' bytes.
 pub(crate) struct Description<'g> {
     pub spec: ModelSpec,
-    /// The bytes of each weight of `spec.weights`.
-    pub weights: Vec<&'g [u8]>,
+    /// The bytes of each weight of `spec.weights`: the graph's, or packed here.
+    pub weights: Vec<Cow<'g, [u8]>>,
     /// The nodes with kernels, in execution order (`spec.kernels`'s order).
     pub kernel_nodes: Vec<NodeId>,
 }
@@ -127,10 +128,8 @@ pub(crate) fn describe<'g>(
         .map(|(name, id)| tensor(&mut dims, *id, name))
         .collect();
     let mut slots = Vec::with_capacity(plan.order().len() + 1);
-    let mut weights: Vec<WeightSpec> = Vec::new();
-    let mut weight_bytes: Vec<&[u8]> = Vec::new();
+    let mut blob = Blob::default();
     let mut weight_index: HashMap<&str, usize> = HashMap::new();
-    let mut blob_len = 0usize;
     let mut buffers = Vec::new();
     let mut kernels = Vec::new();
     let mut kernel_nodes = Vec::new();
@@ -144,21 +143,15 @@ pub(crate) fn describe<'g>(
                     .position(|&i| i == id)
                     .unwrap_or(usize::MAX),
             ),
+            Op::Constant { .. } if plan.only_packed(graph, id) => Slot::Absent,
             Op::Constant { weight } => {
                 if let Some(&index) = weight_index.get(weight.as_str()) {
                     Slot::Weight(index)
                 } else {
                     let bytes = weight_data(graph, id, weight)?;
-                    let offset = blob_len.div_ceil(WEIGHT_ALIGN) * WEIGHT_ALIGN;
-                    blob_len = offset + bytes.len();
-                    weights.push(WeightSpec {
-                        node: node.name.clone(),
-                        offset,
-                        bytes: bytes.len(),
-                    });
-                    weight_bytes.push(bytes);
-                    weight_index.insert(weight, weights.len() - 1);
-                    Slot::Weight(weights.len() - 1)
+                    let index = add_weight(&mut blob, &node.name, Cow::Borrowed(bytes));
+                    weight_index.insert(weight, index);
+                    Slot::Weight(index)
                 }
             }
             _ => {
@@ -191,6 +184,39 @@ pub(crate) fn describe<'g>(
         slots.push(slot);
     }
     slots.push(Slot::Arena(plan.scratch_offset()));
+    for packed in plan.packed() {
+        let weight = graph.node(packed.weight);
+        let Op::Constant { weight: name } = &weight.op else {
+            unreachable!("the plan packs constants only")
+        };
+        let bytes = weight_data(graph, packed.weight, name)?;
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        let (rows, cols) = (
+            weight.ty.shape.0[0].as_const(),
+            weight.ty.shape.0[1].as_const(),
+        );
+        let (Some(rows), Some(cols)) = (rows, cols) else {
+            unreachable!("weights have fixed shapes (checked by weight_data)")
+        };
+        let (k, n) = if packed.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let panels = kiln_runtime::pack_b(k as usize, n as usize, &values, packed.transposed);
+        let bytes: Vec<u8> = panels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let name = format!("{} (packed)", graph.node(packed.product).name);
+        let index = add_weight(&mut blob, &name, Cow::Owned(bytes));
+        slots.push(Slot::Weight(index));
+    }
+    let Blob {
+        weights,
+        bytes: weight_bytes,
+        len: blob_len,
+    } = blob;
     Ok(Description {
         spec: ModelSpec {
             name: name.to_string(),
@@ -216,6 +242,27 @@ pub(crate) fn describe<'g>(
         weights: weight_bytes,
         kernel_nodes,
     })
+}
+
+/// The weights laid out so far.
+#[derive(Default)]
+struct Blob<'g> {
+    weights: Vec<WeightSpec>,
+    bytes: Vec<Cow<'g, [u8]>>,
+    len: usize,
+}
+
+/// Appends a weight to the blob at the next aligned offset; returns its index.
+fn add_weight<'g>(blob: &mut Blob<'g>, node: &str, bytes: Cow<'g, [u8]>) -> usize {
+    let offset = blob.len.div_ceil(WEIGHT_ALIGN) * WEIGHT_ALIGN;
+    blob.len = offset + bytes.len();
+    blob.weights.push(WeightSpec {
+        node: node.to_string(),
+        offset,
+        bytes: bytes.len(),
+    });
+    blob.bytes.push(bytes);
+    blob.weights.len() - 1
 }
 
 /// The bytes of a constant node's weight, checked against the node's type.

@@ -457,9 +457,13 @@ impl<'b> Kernel<'b> {
                     activation: None,
                     residual: false,
                 };
-                self.gemm(&node.ty, &operands, out, &inputs, plain)
+                let packed = plan.packed_slot(id).map(|slot| self.buffer(slot));
+                self.gemm(&node.ty, &operands, out, &inputs, plain, packed)
             }
-            Op::Gemm(epilogue) => self.gemm(&node.ty, &operands, out, &inputs, *epilogue),
+            Op::Gemm(epilogue) => {
+                let packed = plan.packed_slot(id).map(|slot| self.buffer(slot));
+                self.gemm(&node.ty, &operands, out, &inputs, *epilogue, packed)
+            }
             Op::Attention(attention) => {
                 let scratch = self.buffer(plan.scratch_slot());
                 self.attention(attention, &operands, out, &inputs, scratch)
@@ -759,7 +763,8 @@ impl<'b> Kernel<'b> {
     }
 
     /// `out = activation(a @ b + bias) + residual`, numpy matmul semantics (batch broadcast,
-    /// 1-D operands promoted), `b` optionally stored transposed; f32 accumulation.
+    /// 1-D operands promoted), `b` optionally stored transposed, or given `packed` into the
+    /// runtime's panels; f32 accumulation.
     fn gemm(
         &mut self,
         ty: &TensorType,
@@ -767,6 +772,7 @@ impl<'b> Kernel<'b> {
         out: Value,
         inputs: &[Value],
         epilogue: kiln_ir::ops::Gemm,
+        packed: Option<Value>,
     ) -> Result<(), String> {
         let (a_ty, b_ty) = (operands[0], operands[1]);
         let a_dims = self.dims(a_ty);
@@ -862,12 +868,21 @@ impl<'b> Kernel<'b> {
                     activation,
                     residual,
                 };
-                if contiguous_n {
-                    // Row-major b: the runtime's vector kernel computes the whole matrix.
+                if contiguous_n || packed.is_some() {
+                    // The runtime's vector kernels compute the whole matrix, from the packed
+                    // weight or from a row-major b.
                     let a_at = k.address(a, ab, DType::F32);
-                    let b_at = k.address(bm, bb, DType::F32);
                     let c_at = k.address(out, ob, DType::F32);
-                    k.call_void("kiln_sgemm", &[m, n, kk, a_at, kk, b_at, b_k, c_at, n])?;
+                    match packed {
+                        Some(panels) => k.call_void(
+                            "kiln_sgemm_packed",
+                            &[m, n, kk, a_at, kk, panels, c_at, n],
+                        )?,
+                        None => {
+                            let b_at = k.address(bm, bb, DType::F32);
+                            k.call_void("kiln_sgemm", &[m, n, kk, a_at, kk, b_at, b_k, c_at, n])?
+                        }
+                    }
                     if finish.is_identity() {
                         return Ok(());
                     }

@@ -150,6 +150,8 @@ pub struct JitModel {
     model: kiln_runtime::Model,
     /// Keeps the compiled code alive.
     _module: JITModule,
+    /// Keeps the packed weights the model reads alive.
+    _packed: Vec<Vec<u8>>,
     /// Keeps the weights the model reads alive.
     _graph: Graph,
 }
@@ -179,14 +181,23 @@ pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
             }
         })
         .collect();
+    let slices: Vec<&[u8]> = description.weights.iter().map(|w| w.as_ref()).collect();
     // SAFETY: the kernels were compiled from this plan, which the spec describes; the weights
-    // belong to `graph`, which the model keeps (its weight bytes are shared, not copied, so
-    // moving the graph does not move them).
-    let model =
-        unsafe { kiln_runtime::Model::new(description.spec, kernels, &description.weights) }?;
+    // belong to `graph` or are packed copies, both of which the model keeps (moving them does
+    // not move their bytes: the graph's are shared, the copies are heap vectors).
+    let model = unsafe { kiln_runtime::Model::new(description.spec, kernels, &slices) }?;
+    let packed = description
+        .weights
+        .into_iter()
+        .filter_map(|w| match w {
+            std::borrow::Cow::Owned(bytes) => Some(bytes),
+            std::borrow::Cow::Borrowed(_) => None,
+        })
+        .collect();
     Ok(JitModel {
         model,
         _module: module,
+        _packed: packed,
         _graph: graph,
     })
 }

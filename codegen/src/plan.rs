@@ -2,7 +2,7 @@
 //! them, every computed node at its own offset in one arena sized for the symbols' maxima. (No
 //! reuse yet: liveness-based planning comes with the pass pipeline.)
 
-use kiln_ir::{Graph, NodeId, Op};
+use kiln_ir::{DType, Graph, NodeId, Op};
 use std::collections::HashMap;
 
 /// The buffer layout of a graph.
@@ -14,6 +14,43 @@ pub struct Plan {
     scratch_offset: usize,
     scratch_bytes: usize,
     arena_bytes: usize,
+    /// Matrix products whose right operand is a weight packed at compile time, in order.
+    packed: Vec<PackedWeight>,
+}
+
+/// A matrix product whose right operand, a 2-D f32 weight, is stored packed into the runtime's
+/// panels ([`kiln_runtime::pack_b`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PackedWeight {
+    /// The matmul or gemm node.
+    pub product: NodeId,
+    /// Its constant right operand.
+    pub weight: NodeId,
+    /// Whether the weight is stored `n × k` (a gemm with `trans_b`).
+    pub transposed: bool,
+}
+
+/// Whether `id`'s right operand is a weight to pack.
+fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
+    let node = graph.node(id);
+    let transposed = match node.op {
+        Op::MatMul => false,
+        Op::Gemm(epilogue) => epilogue.trans_b,
+        _ => return None,
+    };
+    let operands = graph.operands(id);
+    let weight = *operands.get(1)?;
+    let b = graph.node(weight);
+    let packable = node.ty.dtype == DType::F32
+        && matches!(b.op, Op::Constant { .. })
+        && b.ty.dtype == DType::F32
+        && b.ty.rank() == 2
+        && graph.node(operands[0]).ty.rank() >= 1;
+    packable.then_some(PackedWeight {
+        product: id,
+        weight,
+        transposed,
+    })
 }
 
 /// The largest arena a plan may reserve.
@@ -61,6 +98,10 @@ impl Plan {
                 scratch_bytes = scratch_bytes.max(keys.saturating_mul(SCRATCH_BYTES_PER_KEY));
             }
         }
+        let packed = order
+            .iter()
+            .filter_map(|&id| packed_weight(graph, id))
+            .collect();
         let scratch_offset = arena_bytes;
         let arena_bytes = arena_bytes.saturating_add(scratch_bytes.div_ceil(ALIGN) * ALIGN);
         if arena_bytes > MAX_ARENA_BYTES {
@@ -73,6 +114,7 @@ impl Plan {
             scratch_offset,
             scratch_bytes,
             arena_bytes,
+            packed,
         })
     }
 
@@ -109,6 +151,39 @@ impl Plan {
     /// The buffer-table slot of the scratch space: after every node's.
     pub fn scratch_slot(&self) -> usize {
         self.order.len()
+    }
+
+    /// The products with packed weights, in execution order.
+    pub fn packed(&self) -> &[PackedWeight] {
+        &self.packed
+    }
+
+    /// The buffer-table slot of the packed weight of product `id`, if it has one: after the
+    /// scratch slot, one per packed product.
+    pub fn packed_slot(&self, id: NodeId) -> Option<usize> {
+        self.packed
+            .iter()
+            .position(|p| p.product == id)
+            .map(|i| self.scratch_slot() + 1 + i)
+    }
+
+    /// Whether every use of constant `id` reads a packed copy, so that its own bytes are not
+    /// needed at run time.
+    pub fn only_packed(&self, graph: &Graph, id: NodeId) -> bool {
+        let users = graph.users(id);
+        !users.is_empty()
+            && !graph.outputs().iter().any(|(_, o)| *o == id)
+            && users.iter().all(|&user| {
+                graph
+                    .operands(user)
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &o)| i == 1 || o != id)
+                    && self
+                        .packed
+                        .iter()
+                        .any(|p| p.product == user && p.weight == id)
+            })
     }
 
     /// Total arena size.

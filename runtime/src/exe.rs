@@ -1,5 +1,6 @@
 //! The `main` of a compiled executable: `NAME --inputs IN.safetensors --output OUT.safetensors`,
-//! the same contract as `kiln run`, plus `--weights FILE` and `--bench ITERS`.
+//! the same contract as `kiln run`, plus `--weights FILE`, and `--bench ITERS [--warmup N]`, which
+//! times the model in-process after warm-up runs.
 
 use crate::capi::ModelImage;
 use crate::model::{Input, Model};
@@ -11,13 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: {exe} --inputs IN.safetensors --output OUT.safetensors [--weights FILE] [--bench ITERS]";
+    "usage: {exe} --inputs IN.safetensors --output OUT.safetensors [--weights FILE] [--bench ITERS [--warmup N]]";
 
 struct Args {
     inputs: PathBuf,
     output: Option<PathBuf>,
     weights: Option<PathBuf>,
     bench: Option<usize>,
+    warmup: Option<usize>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -25,7 +27,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut rest = args.iter().skip(1);
     while let Some(flag) = rest.next() {
         let key = match flag.as_str() {
-            "--inputs" | "--output" | "--weights" | "--bench" => flag.as_str(),
+            "--inputs" | "--output" | "--weights" | "--bench" | "--warmup" => flag.as_str(),
             other => return Err(format!("unknown argument `{other}`")),
         };
         let value = rest.next().ok_or_else(|| format!("{key} needs a value"))?;
@@ -40,6 +42,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 .ok_or_else(|| format!("--bench {v}: expected a positive number of runs"))
         })
         .transpose()?;
+    let warmup = values
+        .get("--warmup")
+        .map(|v| {
+            v.parse::<usize>()
+                .map_err(|_| format!("--warmup {v}: expected a number of runs"))
+        })
+        .transpose()?;
     let inputs = PathBuf::from(values.get("--inputs").ok_or("--inputs is required")?);
     let output = values.get("--output").map(PathBuf::from);
     if output.is_none() && bench.is_none() {
@@ -50,6 +59,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         output,
         weights: values.get("--weights").map(PathBuf::from),
         bench,
+        warmup,
     })
 }
 
@@ -187,7 +197,7 @@ fn execute(image: *const ModelImage, args: &[String]) -> Result<(), String> {
     let inputs = read_inputs(&args.inputs, &model)?;
     let views: Vec<Input<'_>> = inputs.iter().map(OwnedInput::view).collect();
     if let Some(iters) = args.bench {
-        let warmup = iters.div_ceil(5).max(1);
+        let warmup = args.warmup.unwrap_or(iters.div_ceil(5).max(1));
         let mut times = Vec::with_capacity(iters);
         for run in 0..warmup + iters {
             let started = Instant::now();

@@ -16,14 +16,15 @@ pub mod spec;
 pub mod weights;
 
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
-pub use sgemm::kiln_sgemm;
+pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, PANEL};
 pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 12] {
+pub fn symbols() -> [(&'static str, *const u8); 13] {
     [
         ("kiln_sgemm", kiln_sgemm as *const u8),
+        ("kiln_sgemm_packed", kiln_sgemm_packed as *const u8),
         ("kiln_log", math::kiln_log as *const u8),
         ("kiln_tanh", math::kiln_tanh as *const u8),
         ("kiln_gelu", math::kiln_gelu as *const u8),

@@ -184,6 +184,7 @@ impl Model {
             .iter()
             .map(|slot| match *slot {
                 Slot::Input(index) if index < spec.inputs.len() => Ok(std::ptr::null_mut()),
+                Slot::Absent => Ok(std::ptr::null_mut()),
                 Slot::Weight(index) => weights
                     .get(index)
                     .map(|bytes| bytes.as_ptr().cast_mut())

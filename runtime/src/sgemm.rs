@@ -1,27 +1,41 @@
-//! `C[m×n] = A[m×k] · B[k×n]`, all row-major with leading dimensions, f32.
+//! `C[m×n] = A[m×k] · B[k×n]`, row-major, f32, with `B` either plain (any row stride) or packed
+//! ahead of time into panels of [`PANEL`] columns ([`pack_b`]), the layout kiln stores weights in.
 //!
-//! The vector paths hold a block of six rows of `C` by one or two vectors of columns in registers and
-//! stream `B` row by row, broadcasting one element of `A` per row: no packing yet, so they reach a
-//! fraction of the machine's peak (packed panels are the next step).
+//! Both walk `B` panel by panel and, within a panel, `A` in blocks of rows: a block's products
+//! accumulate in registers (AVX-512: 12 rows x 32 columns in 24 registers; AVX2: 6 x 16) while the
+//! panel streams from cache, one row of it per step of `k`, and one element of `A` is broadcast per
+//! row. A packed panel is contiguous (`k` rows of [`PANEL`] floats, zero beyond `n`), so the
+//! stream is sequential; a plain `B` is read in place at its stride.
 
 use std::sync::OnceLock;
 
-type Kernel = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
+/// Columns per panel of a packed `B`.
+pub const PANEL: usize = 32;
 
-fn kernel() -> Kernel {
-    static CHOSEN: OnceLock<Kernel> = OnceLock::new();
+/// Computes the columns of one panel of `C` (`width` <= [`PANEL`] of them) for all `m` rows: the
+/// panel of `B` starts at `b` with row stride `ldb`.
+type PanelKernel =
+    unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
+
+fn panel_kernel() -> PanelKernel {
+    static CHOSEN: OnceLock<PanelKernel> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") {
-                return x86::sgemm_avx512 as Kernel;
+                return x86::panel_avx512 as PanelKernel;
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return x86::sgemm_avx2 as Kernel;
+                return x86::panel_avx2 as PanelKernel;
             }
         }
-        sgemm_portable as Kernel
+        panel_portable as PanelKernel
     })
+}
+
+/// Converts a C API size or stride; negative ones make the product empty.
+fn size(value: i64) -> usize {
+    usize::try_from(value).unwrap_or(0)
 }
 
 /// `C = A · B` over f32: `A` is `m × k` with row stride `lda`, `B` is `k × n` with row stride
@@ -42,23 +56,95 @@ pub unsafe extern "C" fn kiln_sgemm(
     c: *mut f32,
     ldc: i64,
 ) {
-    let dims = [m, n, k, lda, ldb, ldc].map(|v| usize::try_from(v).unwrap_or(0));
-    let [m, n, k, lda, ldb, ldc] = dims;
-    if m == 0 || n == 0 {
-        return;
+    let [m, n, k, lda, ldb, ldc] = [m, n, k, lda, ldb, ldc].map(size);
+    let kernel = panel_kernel();
+    for j in (0..n).step_by(PANEL) {
+        // SAFETY: columns j.. of B and C are inside the matrices (caller's contract).
+        unsafe { kernel(m, PANEL.min(n - j), k, a, lda, b.add(j), ldb, c.add(j), ldc) };
     }
-    // SAFETY: forwarded from the caller's contract.
-    unsafe { kernel()(m, n, k, a, lda, b, ldb, c, ldc) }
 }
 
-/// The portable path: row by row, `C[i, :] += A[i, p] · B[p, :]`.
+/// `C = A · B` with `B` packed by [`pack_b`]: `A` is `m × k` with row stride `lda`, `C` is `m × n`
+/// with row stride `ldc`. `C` is overwritten.
 ///
 /// # Safety
-/// As [`kiln_sgemm`].
+/// `b_packed` must hold `B` packed for these `k` and `n`; `A` and `C` as for [`kiln_sgemm`].
+#[no_mangle]
+pub unsafe extern "C" fn kiln_sgemm_packed(
+    m: i64,
+    n: i64,
+    k: i64,
+    a: *const f32,
+    lda: i64,
+    b_packed: *const f32,
+    c: *mut f32,
+    ldc: i64,
+) {
+    let [m, n, k, lda, ldc] = [m, n, k, lda, ldc].map(size);
+    let kernel = panel_kernel();
+    for (panel, j) in (0..n).step_by(PANEL).enumerate() {
+        // SAFETY: panel `panel` holds k rows of PANEL floats (the packing's layout); columns j..
+        // of C are inside C.
+        unsafe {
+            kernel(
+                m,
+                PANEL.min(n - j),
+                k,
+                a,
+                lda,
+                b_packed.add(panel * k * PANEL),
+                PANEL,
+                c.add(j),
+                ldc,
+            )
+        };
+    }
+}
+
+/// The number of floats [`pack_b`] writes for a `k × n` matrix.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    n.div_ceil(PANEL) * k * PANEL
+}
+
+/// Packs `B` (`k × n`; element `(p, j)` at `b[p * n + j]`, or at `b[j * k + p]` when
+/// `transposed`) into panels of [`PANEL`] columns: panel `q` holds rows `0..k` of columns
+/// `q * PANEL..`, each row [`PANEL`] floats, zero past column `n`.
+///
+/// # Panics
+/// If `b` holds fewer than `k * n` floats.
+pub fn pack_b(k: usize, n: usize, b: &[f32], transposed: bool) -> Vec<f32> {
+    assert!(
+        b.len() >= k * n,
+        "B holds {} floats, not {k} x {n}",
+        b.len()
+    );
+    let mut packed = vec![0.0; packed_len(k, n)];
+    for (panel, chunk) in packed.chunks_mut((k * PANEL).max(1)).enumerate() {
+        for (p, row) in chunk.chunks_mut(PANEL).enumerate() {
+            for (jj, value) in row.iter_mut().enumerate() {
+                let j = panel * PANEL + jj;
+                if j < n {
+                    *value = if transposed {
+                        b[j * k + p]
+                    } else {
+                        b[p * n + j]
+                    };
+                }
+            }
+        }
+    }
+    packed
+}
+
+/// The portable path: one output at a time, a dot product along `k`.
+///
+/// # Safety
+/// As [`PanelKernel`]: `A` holds `m` rows of `k`, the panel `k` rows of `width` at `ldb`, `C` `m`
+/// rows of `width` at `ldc`.
 #[allow(clippy::too_many_arguments)] // The BLAS argument list, kept for recognizability.
-unsafe fn sgemm_portable(
+unsafe fn panel_portable(
     m: usize,
-    n: usize,
+    width: usize,
     k: usize,
     a: *const f32,
     lda: usize,
@@ -68,20 +154,14 @@ unsafe fn sgemm_portable(
     ldc: usize,
 ) {
     for i in 0..m {
-        // SAFETY: row i of C holds n elements (caller's contract).
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
-        row.fill(0.0);
-        for p in 0..k {
-            // SAFETY: A[i, p] and row p of B are inside the matrices.
-            let (x, b_row) = unsafe {
-                (
-                    *a.add(i * lda + p),
-                    std::slice::from_raw_parts(b.add(p * ldb), n),
-                )
-            };
-            for (out, y) in row.iter_mut().zip(b_row) {
-                *out += x * y;
+        for j in 0..width {
+            let mut sum = 0.0f32;
+            for p in 0..k {
+                // SAFETY: A[i, p] and B[p, j] are inside the matrices.
+                sum = unsafe { (*a.add(i * lda + p)).mul_add(*b.add(p * ldb + j), sum) };
             }
+            // SAFETY: C[i, j] is inside C.
+            unsafe { *c.add(i * ldc + j) = sum };
         }
     }
 }
@@ -90,16 +170,20 @@ unsafe fn sgemm_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Rows of `C` held in registers at once.
-    const ROWS: usize = 6;
+    /// Rows of `C` an AVX-512 tile holds: 12 x 2 accumulators, 2 panel loads and a broadcast fit
+    /// in the 32 vector registers.
+    const ROWS_AVX512: usize = 12;
+
+    /// Rows of `C` an AVX2 tile holds: 6 x 2 accumulators of the 16 registers.
+    const ROWS_AVX2: usize = 6;
 
     /// # Safety
-    /// As [`super::kiln_sgemm`], on a CPU with AVX-512F.
+    /// As [`super::PanelKernel`], on a CPU with AVX-512F.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn sgemm_avx512(
+    pub(super) unsafe fn panel_avx512(
         m: usize,
-        n: usize,
+        width: usize,
         k: usize,
         a: *const f32,
         lda: usize,
@@ -108,57 +192,90 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        // A tile of ROWS x 32 columns: 12 accumulators, two loads of B and ROWS broadcasts of A
-        // per step of k.
-        let mask_of = |width: usize| -> __mmask16 {
-            if width >= 16 {
+        let mask_of = |w: usize| -> __mmask16 {
+            if w >= 16 {
                 0xffff
             } else {
-                (1u16 << width) - 1
+                (1u16 << w) - 1
             }
         };
+        let masks = [mask_of(width), mask_of(width.saturating_sub(16))];
         let mut i = 0;
         while i < m {
-            let rows = ROWS.min(m - i);
-            let mut j = 0;
-            while j < n {
-                let (left, right) = (mask_of(n - j), mask_of((n - j).saturating_sub(16)));
-                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-                for p in 0..k {
-                    // SAFETY: the masked lanes of row p of B from column j are inside B.
-                    let (y0, y1) = unsafe {
-                        (
-                            _mm512_maskz_loadu_ps(left, b.add(p * ldb + j)),
-                            _mm512_maskz_loadu_ps(right, b.add(p * ldb + j + 16)),
-                        )
-                    };
-                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                        // SAFETY: A[i + r, p] is inside A.
-                        let x = _mm512_set1_ps(unsafe { *a.add((i + r) * lda + p) });
-                        acc[0] = _mm512_fmadd_ps(x, y0, acc[0]);
-                        acc[1] = _mm512_fmadd_ps(x, y1, acc[1]);
-                    }
+            let rows = ROWS_AVX512.min(m - i);
+            // SAFETY: rows i.. of A and C are inside the matrices.
+            let (a, c) = unsafe { (a.add(i * lda), c.add(i * ldc)) };
+            // SAFETY: forwarded; the tile reads `rows` rows of A and writes `rows` rows of C.
+            unsafe {
+                match rows {
+                    12 => tile_avx512::<12>(k, a, lda, b, ldb, c, ldc, masks),
+                    11 => tile_avx512::<11>(k, a, lda, b, ldb, c, ldc, masks),
+                    10 => tile_avx512::<10>(k, a, lda, b, ldb, c, ldc, masks),
+                    9 => tile_avx512::<9>(k, a, lda, b, ldb, c, ldc, masks),
+                    8 => tile_avx512::<8>(k, a, lda, b, ldb, c, ldc, masks),
+                    7 => tile_avx512::<7>(k, a, lda, b, ldb, c, ldc, masks),
+                    6 => tile_avx512::<6>(k, a, lda, b, ldb, c, ldc, masks),
+                    5 => tile_avx512::<5>(k, a, lda, b, ldb, c, ldc, masks),
+                    4 => tile_avx512::<4>(k, a, lda, b, ldb, c, ldc, masks),
+                    3 => tile_avx512::<3>(k, a, lda, b, ldb, c, ldc, masks),
+                    2 => tile_avx512::<2>(k, a, lda, b, ldb, c, ldc, masks),
+                    _ => tile_avx512::<1>(k, a, lda, b, ldb, c, ldc, masks),
                 }
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    // SAFETY: the masked lanes of row i + r of C from column j are inside C.
-                    unsafe {
-                        _mm512_mask_storeu_ps(c.add((i + r) * ldc + j), left, acc[0]);
-                        _mm512_mask_storeu_ps(c.add((i + r) * ldc + j + 16), right, acc[1]);
-                    }
-                }
-                j += 32;
             }
-            i += ROWS;
+            i += rows;
+        }
+    }
+
+    /// `R` rows by up to 32 columns (the lanes `masks` select), accumulated over all of `k`.
+    ///
+    /// # Safety
+    /// `A` holds `R` rows of `k` at `lda`; the masked lanes of `k` rows of the panel at `ldb` and
+    /// of `R` rows of `C` at `ldc` are inside their matrices.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_avx512<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        masks: [__mmask16; 2],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for p in 0..k {
+            // SAFETY: the masked lanes of row p of the panel are inside B.
+            let (y0, y1) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(masks[0], b.add(p * ldb)),
+                    _mm512_maskz_loadu_ps(masks[1], b.add(p * ldb + 16)),
+                )
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: A[r, p] is inside A.
+                let x = _mm512_set1_ps(unsafe { *a.add(r * lda + p) });
+                acc[0] = _mm512_fmadd_ps(x, y0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, y1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: the masked lanes of row r of C are inside C.
+            unsafe {
+                _mm512_mask_storeu_ps(c.add(r * ldc), masks[0], acc[0]);
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16), masks[1], acc[1]);
+            }
         }
     }
 
     /// # Safety
-    /// As [`super::kiln_sgemm`], on a CPU with AVX2 and FMA.
+    /// As [`super::PanelKernel`], on a CPU with AVX2 and FMA.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn sgemm_avx2(
+    pub(super) unsafe fn panel_avx2(
         m: usize,
-        n: usize,
+        width: usize,
         k: usize,
         a: *const f32,
         lda: usize,
@@ -167,53 +284,84 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let whole = n - n % 8;
-        let mut i = 0;
-        while i < m {
-            let rows = ROWS.min(m - i);
-            let mut j = 0;
-            while j < whole {
-                let mut acc = [_mm256_setzero_ps(); ROWS];
-                for p in 0..k {
-                    // SAFETY: eight columns of row p of B from column j are inside B.
-                    let y = unsafe { _mm256_loadu_ps(b.add(p * ldb + j)) };
-                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                        // SAFETY: A[i + r, p] is inside A.
-                        let x = _mm256_set1_ps(unsafe { *a.add((i + r) * lda + p) });
-                        *acc = _mm256_fmadd_ps(x, y, *acc);
+        let lane_mask = |start: usize| {
+            let lanes: [i32; 8] = std::array::from_fn(|l| if start + l < width { -1 } else { 0 });
+            // SAFETY: eight i32 read from an array of eight.
+            unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
+        };
+        for half in (0..width).step_by(16) {
+            let masks = [lane_mask(half), lane_mask(half + 8)];
+            let mut i = 0;
+            while i < m {
+                let rows = ROWS_AVX2.min(m - i);
+                // SAFETY: rows i.. of A and C, columns half.. of the panel and C, are inside.
+                let (a, b, c) = unsafe { (a.add(i * lda), b.add(half), c.add(i * ldc + half)) };
+                // SAFETY: forwarded; the tile reads `rows` rows of A and writes `rows` of C.
+                unsafe {
+                    match rows {
+                        6 => tile_avx2::<6>(k, a, lda, b, ldb, c, ldc, masks),
+                        5 => tile_avx2::<5>(k, a, lda, b, ldb, c, ldc, masks),
+                        4 => tile_avx2::<4>(k, a, lda, b, ldb, c, ldc, masks),
+                        3 => tile_avx2::<3>(k, a, lda, b, ldb, c, ldc, masks),
+                        2 => tile_avx2::<2>(k, a, lda, b, ldb, c, ldc, masks),
+                        _ => tile_avx2::<1>(k, a, lda, b, ldb, c, ldc, masks),
                     }
                 }
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    // SAFETY: eight columns of row i + r of C from column j are inside C.
-                    unsafe { _mm256_storeu_ps(c.add((i + r) * ldc + j), *acc) };
-                }
-                j += 8;
+                i += rows;
             }
-            for r in 0..rows {
-                for j in whole..n {
-                    let mut sum = 0.0f32;
-                    for p in 0..k {
-                        // SAFETY: A[i + r, p] and B[p, j] are inside the matrices.
-                        sum = unsafe {
-                            (*a.add((i + r) * lda + p)).mul_add(*b.add(p * ldb + j), sum)
-                        };
-                    }
-                    // SAFETY: C[i + r, j] is inside C.
-                    unsafe { *c.add((i + r) * ldc + j) = sum };
-                }
+        }
+    }
+
+    /// `R` rows by up to 16 columns (the lanes `masks` select), accumulated over all of `k`.
+    ///
+    /// # Safety
+    /// As [`tile_avx512`], for 16 columns.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_avx2<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        masks: [__m256i; 2],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for p in 0..k {
+            // SAFETY: the masked lanes of row p of the panel are inside B.
+            let (y0, y1) = unsafe {
+                (
+                    _mm256_maskload_ps(b.add(p * ldb), masks[0]),
+                    _mm256_maskload_ps(b.add(p * ldb + 8), masks[1]),
+                )
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: A[r, p] is inside A.
+                let x = _mm256_set1_ps(unsafe { *a.add(r * lda + p) });
+                acc[0] = _mm256_fmadd_ps(x, y0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, y1, acc[1]);
             }
-            i += ROWS;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: the masked lanes of row r of C are inside C.
+            unsafe {
+                _mm256_maskstore_ps(c.add(r * ldc), masks[0], acc[0]);
+                _mm256_maskstore_ps(c.add(r * ldc + 8), masks[1], acc[1]);
+            }
         }
     }
 
     #[cfg(test)]
-    pub(super) fn paths() -> Vec<(&'static str, super::Kernel)> {
-        let mut paths: Vec<(&'static str, super::Kernel)> = Vec::new();
+    pub(super) fn paths() -> Vec<(&'static str, super::PanelKernel)> {
+        let mut paths: Vec<(&'static str, super::PanelKernel)> = Vec::new();
         if is_x86_feature_detected!("avx512f") {
-            paths.push(("avx512", sgemm_avx512 as super::Kernel));
+            paths.push(("avx512", panel_avx512 as super::PanelKernel));
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            paths.push(("avx2", sgemm_avx2 as super::Kernel));
+            paths.push(("avx2", panel_avx2 as super::PanelKernel));
         }
         paths
     }
@@ -234,41 +382,90 @@ mod tests {
             .collect()
     }
 
-    fn every_path() -> Vec<(&'static str, Kernel)> {
+    fn every_path() -> Vec<(&'static str, PanelKernel)> {
         #[allow(unused_mut)]
-        let mut paths: Vec<(&'static str, Kernel)> = vec![("portable", sgemm_portable as Kernel)];
+        let mut paths: Vec<(&'static str, PanelKernel)> =
+            vec![("portable", panel_portable as PanelKernel)];
         #[cfg(target_arch = "x86_64")]
         paths.extend(x86::paths());
         paths
     }
 
+    /// Runs `product` into a C with a guard column on each side and checks it against the f64
+    /// reference and that nothing was written outside C.
+    fn check(
+        name: &str,
+        m: usize,
+        n: usize,
+        expected: &[f64],
+        product: impl FnOnce(*mut f32, usize),
+    ) -> Result<(), TestCaseError> {
+        let ldc = n + 2;
+        let mut c = vec![f32::NAN; m * ldc];
+        // SAFETY: C's first element is inside the buffer.
+        product(unsafe { c.as_mut_ptr().add(1) }, ldc);
+        for i in 0..m {
+            prop_assert!(c[i * ldc].is_nan(), "{}: wrote before row {}", name, i);
+            for j in 0..n {
+                let (got, want) = (f64::from(c[i * ldc + 1 + j]), expected[i * n + j]);
+                prop_assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{} at ({}, {}): {} vs {}",
+                    name,
+                    i,
+                    j,
+                    got,
+                    want
+                );
+            }
+            if i * ldc + n + 1 < c.len() {
+                prop_assert!(
+                    c[i * ldc + n + 1].is_nan(),
+                    "{}: wrote after row {}",
+                    name,
+                    i
+                );
+            }
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-        /// Every path against an f64 reference, including row and column tails.
+        /// Every path, plain and packed (from either layout), against an f64 reference, including
+        /// row and column tails.
         #[test]
-        fn every_path_matches_a_naive_product(m in 1usize..11, n in 1usize..41, k in 0usize..20, seed in any::<u32>()) {
+        fn every_path_matches_a_naive_product(m in 1usize..30, n in 1usize..70, k in 0usize..20, seed in any::<u32>()) {
             let value = |i: usize| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0;
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 7919)).collect();
+            let b_transposed: Vec<f32> = (0..n * k).map(|e| b[(e % k) * n + e / k]).collect();
             let expected = naive(m, n, k, &a, &b);
-            for (name, path) in every_path() {
-                // A guard column on each side of C checks nothing is written outside it.
-                let ldc = n + 2;
-                let mut c = vec![f32::NAN; m * ldc];
-                // SAFETY: the buffers hold the matrices at these strides.
-                unsafe { path(m, n, k, a.as_ptr(), k, b.as_ptr(), n, c.as_mut_ptr().add(1), ldc) };
-                for i in 0..m {
-                    prop_assert!(c[i * ldc].is_nan(), "{}: wrote before row {}", name, i);
-                    for j in 0..n {
-                        let (got, want) = (f64::from(c[i * ldc + 1 + j]), expected[i * n + j]);
-                        prop_assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{} at ({}, {}): {} vs {}", name, i, j, got, want);
+            let packed = pack_b(k, n, &b, false);
+            prop_assert_eq!(&pack_b(k, n, &b_transposed, true), &packed);
+            for (name, kernel) in every_path() {
+                check(name, m, n, &expected, |c, ldc| {
+                    for j in (0..n).step_by(PANEL) {
+                        // SAFETY: the buffers hold the matrices at these strides.
+                        unsafe { kernel(m, PANEL.min(n - j), k, a.as_ptr(), k, b.as_ptr().add(j), n, c.add(j), ldc) };
                     }
-                    if i * ldc + n + 1 < c.len() {
-                        prop_assert!(c[i * ldc + n + 1].is_nan(), "{}: wrote after row {}", name, i);
+                })?;
+                check(name, m, n, &expected, |c, ldc| {
+                    for (q, j) in (0..n).step_by(PANEL).enumerate() {
+                        // SAFETY: the packed panels hold k rows of PANEL floats each.
+                        unsafe { kernel(m, PANEL.min(n - j), k, a.as_ptr(), k, packed.as_ptr().add(q * k * PANEL), PANEL, c.add(j), ldc) };
                     }
-                }
+                })?;
             }
+            // SAFETY: as above, through the exported entry points.
+            check("kiln_sgemm", m, n, &expected, |c, ldc| unsafe {
+                kiln_sgemm(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, b.as_ptr(), n as i64, c, ldc as i64)
+            })?;
+            // SAFETY: as above.
+            check("kiln_sgemm_packed", m, n, &expected, |c, ldc| unsafe {
+                kiln_sgemm_packed(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, packed.as_ptr(), c, ldc as i64)
+            })?;
         }
     }
 }

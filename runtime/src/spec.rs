@@ -217,6 +217,8 @@ pub enum Slot {
     Weight(usize),
     /// An offset in the arena.
     Arena(usize),
+    /// Nothing: a weight no kernel reads (every use reads its packed copy).
+    Absent,
 }
 
 /// A buffer that must hold a node's values at the run's symbol values.

@@ -1,0 +1,54 @@
+//! The matrix products of MiniLM at 128 tokens: `B` plain (read in place) and packed at compile
+//! time into panels, as kiln stores weights. Reports GFLOP/s through criterion's throughput.
+//! Run with `cargo bench -p kiln-runtime --bench sgemm`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kiln_runtime::{kiln_sgemm, kiln_sgemm_packed, pack_b};
+
+fn products(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sgemm");
+    for (m, n, k) in [(128, 384, 384), (128, 1536, 384), (128, 384, 1536)] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let packed = pack_b(k, n, &b, false);
+        let mut out = vec![0f32; m * n];
+        let label = format!("{m}x{n}x{k}");
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        let [mi, ni, ki] = [m, n, k].map(|v| v as i64);
+        group.bench_function(BenchmarkId::new("plain", &label), |bench| {
+            // SAFETY: the buffers hold the matrices at these strides.
+            bench.iter(|| unsafe {
+                kiln_sgemm(
+                    mi,
+                    ni,
+                    ki,
+                    a.as_ptr(),
+                    ki,
+                    b.as_ptr(),
+                    ni,
+                    out.as_mut_ptr(),
+                    ni,
+                )
+            })
+        });
+        group.bench_function(BenchmarkId::new("packed", &label), |bench| {
+            // SAFETY: `packed` holds B packed for k and n.
+            bench.iter(|| unsafe {
+                kiln_sgemm_packed(
+                    mi,
+                    ni,
+                    ki,
+                    a.as_ptr(),
+                    ki,
+                    packed.as_ptr(),
+                    out.as_mut_ptr(),
+                    ni,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, products);
+criterion_main!(benches);
