@@ -180,6 +180,45 @@ struct Kernel<'a> {
     fail: Block,
 }
 
+/// Whether an elementwise op has a four-lane form: f32 in and out, and an op computed as code
+/// without branches (the others stay scalar).
+fn vectorizes(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bool {
+    let all_f32 = ty.dtype == DType::F32 && operands.iter().all(|o| o.dtype == DType::F32);
+    all_f32
+        && match op {
+            Op::Unary(u) => matches!(
+                u,
+                UnaryOp::Neg
+                    | UnaryOp::Abs
+                    | UnaryOp::Sqrt
+                    | UnaryOp::Floor
+                    | UnaryOp::Ceil
+                    | UnaryOp::Round
+                    | UnaryOp::Reciprocal
+                    | UnaryOp::Relu
+                    | UnaryOp::Exp
+                    | UnaryOp::Sigmoid
+                    | UnaryOp::Silu
+            ),
+            Op::Binary(b) => matches!(
+                b,
+                BinaryOp::Add
+                    | BinaryOp::Sub
+                    | BinaryOp::Mul
+                    | BinaryOp::Div
+                    | BinaryOp::Max
+                    | BinaryOp::Min
+            ),
+            Op::Expand { .. } => true,
+            _ => false,
+        }
+}
+
+/// Flags for bitcasts between vector types: lanes in little-endian order.
+fn lanes() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
 /// Flags of element accesses: they cannot trap (the plan keeps them in bounds) but need not be
 /// aligned (inputs and memory-mapped weights start anywhere).
 fn memory() -> MemFlagsData {
@@ -554,6 +593,9 @@ impl<'b> Kernel<'b> {
         let bases = vec![zero; strides.len()];
         let dtypes: Vec<DType> = operands.iter().map(|t| t.dtype).collect();
         let out_dtype = ty.dtype;
+        if ty.rank() > 0 && vectorizes(op, ty, operands) {
+            return self.elementwise_lanes(op, ty, operands, out, inputs, &out_dims, &strides);
+        }
         self.nest(&out_dims, &strides, bases, &mut |k, offsets| {
             let values: Vec<Value> = inputs
                 .iter()
@@ -574,6 +616,76 @@ impl<'b> Kernel<'b> {
             k.store(out, offsets[0], out_dtype, result);
             Ok(())
         })
+    }
+
+    /// An f32 elementwise op over the innermost axis four lanes at a time, then a scalar tail.
+    /// Along that axis each operand is contiguous (loaded as lanes) or broadcast (one value in
+    /// every lane), as its shape says.
+    #[allow(clippy::too_many_arguments)]
+    fn elementwise_lanes(
+        &mut self,
+        op: &Op,
+        ty: &TensorType,
+        operands: &[&TensorType],
+        out: Value,
+        inputs: &[Value],
+        out_dims: &[Value],
+        strides: &[Vec<Value>],
+    ) -> Result<(), String> {
+        let last = ty.rank() - 1;
+        let len = out_dims[last];
+        let contiguous: Vec<bool> = operands
+            .iter()
+            .map(|o| o.rank() > 0 && o.shape.0[o.rank() - 1] != Dim::Const(1))
+            .collect();
+        let outer: Vec<Vec<Value>> = strides.iter().map(|s| s[..last].to_vec()).collect();
+        let zero = self.iconst(0);
+        let vector_end = self.b.ins().band_imm_s(len, -4);
+        let apply = |k: &mut Self, values: &[Value]| -> Result<Value, String> {
+            match op {
+                Op::Unary(u) => k.unary(*u, DType::F32, values[0]),
+                Op::Binary(b) => k.binary(*b, DType::F32, values[0], values[1]),
+                _ => Ok(values[0]),
+            }
+        };
+        self.nest(
+            &out_dims[..last],
+            &outer,
+            vec![zero; strides.len()],
+            &mut |k, bases| {
+                k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                    let mut values = Vec::with_capacity(inputs.len());
+                    for ((&input, &base), &lanes) in inputs.iter().zip(&bases[1..]).zip(&contiguous)
+                    {
+                        values.push(if lanes {
+                            let at = k.b.ins().iadd(base, j);
+                            let row = k.address(input, at, DType::F32);
+                            k.b.ins().load(types::F32X4, memory(), row, 0)
+                        } else {
+                            let value = k.load(input, base, DType::F32);
+                            k.b.ins().splat(types::F32X4, value)
+                        });
+                    }
+                    let result = apply(k, &values)?;
+                    let at = k.b.ins().iadd(bases[0], j);
+                    let row = k.address(out, at, DType::F32);
+                    k.b.ins().store(memory(), result, row, 0);
+                    Ok(())
+                })?;
+                k.for_steps(vector_end, len, 1, &mut |k, j| {
+                    let mut values = Vec::with_capacity(inputs.len());
+                    for ((&input, &base), &lanes) in inputs.iter().zip(&bases[1..]).zip(&contiguous)
+                    {
+                        let at = if lanes { k.b.ins().iadd(base, j) } else { base };
+                        values.push(k.load(input, at, DType::F32));
+                    }
+                    let result = apply(k, &values)?;
+                    let at = k.b.ins().iadd(bases[0], j);
+                    k.store(out, at, DType::F32, result);
+                    Ok(())
+                })
+            },
+        )
     }
 
     fn unary(&mut self, op: UnaryOp, dtype: DType, x: Value) -> Result<Value, String> {
@@ -606,7 +718,7 @@ impl<'b> Kernel<'b> {
                 // 1 / (1 + e^-x): e^-x overflows to +inf for very negative x, giving 0.
                 let negated = self.b.ins().fneg(x);
                 let e = self.exp_f32(negated);
-                let one = self.b.ins().f32const(1.0);
+                let one = self.float(self.b.func.dfg.value_type(x), 1.0);
                 let denominator = self.b.ins().fadd(one, e);
                 let sigmoid = self.b.ins().fdiv(one, denominator);
                 return Ok(if op == UnaryOp::Silu {
@@ -620,7 +732,8 @@ impl<'b> Kernel<'b> {
         if let Some(symbol) = math::unary_symbol(op) {
             return self.call(symbol, &[x]);
         }
-        let zero = self.b.ins().f32const(0.0);
+        let ty = self.b.func.dfg.value_type(x);
+        let zero = self.float(ty, 0.0);
         Ok(match op {
             UnaryOp::Neg => self.b.ins().fneg(x),
             UnaryOp::Abs => self.b.ins().fabs(x),
@@ -629,12 +742,12 @@ impl<'b> Kernel<'b> {
             UnaryOp::Ceil => self.b.ins().ceil(x),
             UnaryOp::Round => self.b.ins().nearest(x),
             UnaryOp::Reciprocal => {
-                let one = self.b.ins().f32const(1.0);
+                let one = self.float(ty, 1.0);
                 self.b.ins().fdiv(one, x)
             }
             UnaryOp::Relu => {
                 let positive = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
-                self.b.ins().select(positive, x, zero)
+                self.select_float(positive, x, zero)
             }
             _ => {
                 // Sign: -1, 0 or 1; NaN stays NaN.
@@ -986,6 +1099,9 @@ impl<'b> Kernel<'b> {
     fn softmax(&mut self, ty: &TensorType, axis: i64, out: Value, x: Value) -> Result<(), String> {
         let axis = resolve_axis(axis, ty.rank())?;
         let (outer_dims, outer_strides, len, stride) = self.split_axis(ty, axis);
+        if axis + 1 == ty.rank() {
+            return self.softmax_rows(&outer_dims, outer_strides, len, out, x);
+        }
         let zero = self.iconst(0);
         self.nest(&outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
             let base = base[0];
@@ -1031,6 +1147,140 @@ impl<'b> Kernel<'b> {
                 Ok(())
             })
         })
+    }
+
+    /// Softmax over contiguous rows, four lanes at a time with a scalar tail: the maximum, then
+    /// `e^(x - max)` stored and summed in f64 (as the interpreter sums), then a multiplication by
+    /// the sum's reciprocal (within an ulp of the interpreter's division).
+    fn softmax_rows(
+        &mut self,
+        outer_dims: &[Value],
+        outer_strides: Vec<Value>,
+        len: Value,
+        out: Value,
+        x: Value,
+    ) -> Result<(), String> {
+        let zero = self.iconst(0);
+        let vector_end = self.b.ins().band_imm_s(len, -4);
+        self.nest(outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
+            let (row_x, row_out) = (
+                k.address(x, base[0], DType::F32),
+                k.address(out, base[0], DType::F32),
+            );
+            let lanes_max = k.b.declare_var(types::F32X4);
+            let minus_inf = k.float(types::F32X4, f32::NEG_INFINITY);
+            k.b.def_var(lanes_max, minus_inf);
+            k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                let v = k.load_lanes(row_x, j);
+                let m = k.b.use_var(lanes_max);
+                let m = k.b.ins().fmax(m, v);
+                k.b.def_var(lanes_max, m);
+                Ok(())
+            })?;
+            let max = k.b.declare_var(types::F32);
+            let m = k.b.use_var(lanes_max);
+            let m = k.horizontal(m, |b, x, y| b.ins().fmax(x, y));
+            k.b.def_var(max, m);
+            k.for_steps(vector_end, len, 1, &mut |k, j| {
+                let v = k.load(row_x, j, DType::F32);
+                let m = k.b.use_var(max);
+                let m = k.b.ins().fmax(m, v);
+                k.b.def_var(max, m);
+                Ok(())
+            })?;
+            let m = k.b.use_var(max);
+            let lanes_of_max = k.b.ins().splat(types::F32X4, m);
+            let (sum_low, sum_high) =
+                (k.b.declare_var(types::F64X2), k.b.declare_var(types::F64X2));
+            let zero_f64 = k.b.ins().f64const(0.0);
+            let zeros = k.b.ins().splat(types::F64X2, zero_f64);
+            k.b.def_var(sum_low, zeros);
+            k.b.def_var(sum_high, zeros);
+            k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                let v = k.load_lanes(row_x, j);
+                let shifted = k.b.ins().fsub(v, lanes_of_max);
+                let e = k.exp_f32(shifted);
+                k.store_lanes(row_out, j, e);
+                let low = k.b.ins().fvpromote_low(e);
+                let high = k.high_half(e);
+                let high = k.b.ins().fvpromote_low(high);
+                for (sum, part) in [(sum_low, low), (sum_high, high)] {
+                    let s = k.b.use_var(sum);
+                    let s = k.b.ins().fadd(s, part);
+                    k.b.def_var(sum, s);
+                }
+                Ok(())
+            })?;
+            let sum = k.b.declare_var(types::F64);
+            let (low, high) = (k.b.use_var(sum_low), k.b.use_var(sum_high));
+            let both = k.b.ins().fadd(low, high);
+            let first = k.b.ins().extractlane(both, 0);
+            let second = k.b.ins().extractlane(both, 1);
+            let total = k.b.ins().fadd(first, second);
+            k.b.def_var(sum, total);
+            k.for_steps(vector_end, len, 1, &mut |k, j| {
+                let v = k.load(row_x, j, DType::F32);
+                let shifted = k.b.ins().fsub(v, m);
+                let e = k.exp_f32(shifted);
+                k.store(row_out, j, DType::F32, e);
+                let s = k.b.use_var(sum);
+                let wide = k.b.ins().fpromote(types::F64, e);
+                let s = k.b.ins().fadd(s, wide);
+                k.b.def_var(sum, s);
+                Ok(())
+            })?;
+            let one = k.b.ins().f64const(1.0);
+            let s = k.b.use_var(sum);
+            let inverse = k.b.ins().fdiv(one, s);
+            let inverse = k.b.ins().fdemote(types::F32, inverse);
+            let lanes_of_inverse = k.b.ins().splat(types::F32X4, inverse);
+            k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                let e = k.load_lanes(row_out, j);
+                let p = k.b.ins().fmul(e, lanes_of_inverse);
+                k.store_lanes(row_out, j, p);
+                Ok(())
+            })?;
+            k.for_steps(vector_end, len, 1, &mut |k, j| {
+                let e = k.load(row_out, j, DType::F32);
+                let p = k.b.ins().fmul(e, inverse);
+                k.store(row_out, j, DType::F32, p);
+                Ok(())
+            })
+        })
+    }
+
+    /// Loads elements `j..j + 4` of an f32 row.
+    fn load_lanes(&mut self, row: Value, j: Value) -> Value {
+        let at = self.address(row, j, DType::F32);
+        self.b.ins().load(types::F32X4, memory(), at, 0)
+    }
+
+    /// Stores four f32 at elements `j..j + 4` of an f32 row.
+    fn store_lanes(&mut self, row: Value, j: Value, value: Value) {
+        let at = self.address(row, j, DType::F32);
+        self.b.ins().store(memory(), value, at, 0);
+    }
+
+    /// The lanes 2 and 3 of an f32x4, moved to lanes 0 and 1.
+    fn high_half(&mut self, v: Value) -> Value {
+        let bytes = self.b.ins().bitcast(types::I8X16, lanes(), v);
+        let order: Vec<u8> = (8..16).chain(0..8).collect();
+        let order = self.b.func.dfg.immediates.push(order.into());
+        let moved = self.b.ins().shuffle(bytes, bytes, order);
+        self.b.ins().bitcast(types::F32X4, lanes(), moved)
+    }
+
+    /// Combines the four lanes of an f32x4 into one f32.
+    fn horizontal(
+        &mut self,
+        v: Value,
+        combine: impl Fn(&mut FunctionBuilder<'_>, Value, Value) -> Value,
+    ) -> Value {
+        let lane = |k: &mut Self, i: u8| k.b.ins().extractlane(v, i);
+        let (l0, l1, l2, l3) = (lane(self, 0), lane(self, 1), lane(self, 2), lane(self, 3));
+        let a = combine(&mut self.b, l0, l1);
+        let c = combine(&mut self.b, l2, l3);
+        combine(&mut self.b, a, c)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1859,13 +2109,15 @@ impl<'b> Kernel<'b> {
         })
     }
 
-    /// `e^x` for an f32, as code (no call): Cephes' `expf` scheme. `n = floor(x log2(e) + 1/2)`,
-    /// the reduced argument `r = x - n ln 2` (ln 2 in two parts), a degree-5 polynomial for
-    /// `e^r`, then scaling by `2^n` as two normal factors so that subnormal results round once.
-    /// Overflow gives +inf, underflow 0, NaN stays NaN. Maximum error measured over the f32 range:
-    /// see the `exp_matches_libm_over_the_f32_range` test.
+    /// `e^x` for an f32 or each lane of an f32x4, as code (no call, no branch): Cephes' `expf`
+    /// scheme. `n = floor(x log2(e) + 1/2)`, the reduced argument `r = x - n ln 2` (ln 2 in two
+    /// parts), a degree-5 polynomial for `e^r`, then scaling by `2^n` as two normal factors so
+    /// that subnormal results round once. Overflow gives +inf, underflow 0, NaN stays NaN.
+    /// Maximum error measured over the f32 range: see the `exp_matches_libm_over_the_f32_range`
+    /// test (scalar) and `vector_softmax_matches_the_interpreter` (lanes).
     fn exp_f32(&mut self, x: Value) -> Value {
-        let c = |k: &mut Self, v: f32| k.b.ins().f32const(v);
+        let ty = self.b.func.dfg.value_type(x);
+        let c = |k: &mut Self, v: f32| k.float(ty, v);
         let (lo, hi) = (c(self, -104.0), c(self, 88.75));
         let clamped = self.b.ins().fmax(x, lo);
         let clamped = self.b.ins().fmin(clamped, hi);
@@ -1894,13 +2146,15 @@ impl<'b> Kernel<'b> {
         let one = c(self, 1.0);
         let y = self.b.ins().fadd(y, one);
         // 2^n = 2^(n >> 1) * 2^(n - (n >> 1)), both factors normal for n in [-150, 128].
-        let ni = self.b.ins().fcvt_to_sint_sat(types::I32, n);
+        let int = ty.as_int();
+        let ni = self.b.ins().fcvt_to_sint_sat(int, n);
         let first = self.b.ins().sshr_imm_s(ni, 1);
         let second = self.b.ins().isub(ni, first);
+        let bias = self.int32(int, 127);
         let factor = |k: &mut Self, e: Value| {
-            let biased = k.b.ins().iadd_imm_s(e, 127);
+            let biased = k.b.ins().iadd(e, bias);
             let bits = k.b.ins().ishl_imm_s(biased, 23);
-            k.b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+            k.b.ins().bitcast(ty, lanes(), bits)
         };
         let (f1, f2) = (factor(self, first), factor(self, second));
         let result = self.b.ins().fmul(y, f1);
@@ -1908,11 +2162,42 @@ impl<'b> Kernel<'b> {
         let (overflow, underflow) = (c(self, 88.722_84), c(self, -103.972_08));
         let (inf, zero) = (c(self, f32::INFINITY), c(self, 0.0));
         let big = self.b.ins().fcmp(FloatCC::GreaterThan, x, overflow);
-        let result = self.b.ins().select(big, inf, result);
+        let result = self.select_float(big, inf, result);
         let small = self.b.ins().fcmp(FloatCC::LessThan, x, underflow);
-        let result = self.b.ins().select(small, zero, result);
+        let result = self.select_float(small, zero, result);
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
-        self.b.ins().select(nan, x, result)
+        self.select_float(nan, x, result)
+    }
+
+    /// An i32 constant, or an i32x4 of four of it.
+    fn int32(&mut self, ty: Type, v: i64) -> Value {
+        let scalar = self.b.ins().iconst(types::I32, v);
+        if ty.is_vector() {
+            self.b.ins().splat(ty, scalar)
+        } else {
+            scalar
+        }
+    }
+
+    /// An f32 constant, or an f32x4 of four of it.
+    fn float(&mut self, ty: Type, v: f32) -> Value {
+        let scalar = self.b.ins().f32const(v);
+        if ty.is_vector() {
+            self.b.ins().splat(ty, scalar)
+        } else {
+            scalar
+        }
+    }
+
+    /// `condition ? a : b` for scalars, lane by lane for vectors (`condition` from `fcmp`).
+    fn select_float(&mut self, condition: Value, a: Value, b: Value) -> Value {
+        let ty = self.b.func.dfg.value_type(a);
+        if ty.is_vector() {
+            let mask = self.b.ins().bitcast(ty, lanes(), condition);
+            self.b.ins().bitselect(mask, a, b)
+        } else {
+            self.b.ins().select(condition, a, b)
+        }
     }
 
     /// `erf(x)` for an f32, as code: for `|x| < 1`, `x + x q(x^2)` with `q` a degree-6
@@ -1963,9 +2248,10 @@ impl<'b> Kernel<'b> {
 
     /// `coefficients[0] v^n + ... + coefficients[n]` by Horner's rule.
     fn polynomial_f32(&mut self, coefficients: &[f32], v: Value) -> Value {
-        let mut poly = self.b.ins().f32const(coefficients[0]);
+        let ty = self.b.func.dfg.value_type(v);
+        let mut poly = self.float(ty, coefficients[0]);
         for &coefficient in &coefficients[1..] {
-            let term = self.b.ins().f32const(coefficient);
+            let term = self.float(ty, coefficient);
             poly = self.b.ins().fmul(poly, v);
             poly = self.b.ins().fadd(poly, term);
         }

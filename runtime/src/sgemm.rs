@@ -174,6 +174,9 @@ mod x86 {
     /// in the 32 vector registers.
     const ROWS_AVX512: usize = 12;
 
+    /// How many rows of the panel ahead of the current one the AVX-512 tile prefetches.
+    const PREFETCH_ROWS: usize = 16;
+
     /// Rows of `C` an AVX2 tile holds: 6 x 2 accumulators of the 16 registers.
     const ROWS_AVX2: usize = 6;
 
@@ -246,6 +249,11 @@ mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..k {
+            // The first row block meets each panel row cold: fetch a few rows ahead (a prefetch
+            // never faults, so past the panel's end it is merely wasted).
+            let ahead = b.wrapping_add((p + PREFETCH_ROWS) * ldb);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
             // SAFETY: the masked lanes of row p of the panel are inside B.
             let (y0, y1) = unsafe {
                 (
