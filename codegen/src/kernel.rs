@@ -152,6 +152,14 @@ pub(crate) fn build(
     Ok(func_id)
 }
 
+/// Contiguous rows: the loops over the outer axes with their strides (in elements, whole rows),
+/// and the row length.
+struct Rows<'a> {
+    outer: &'a [Value],
+    outer_strides: Vec<Value>,
+    len: Value,
+}
+
 /// What [`Kernel::gemm`] applies to each output: bias (pointer, batch base, strides along m and
 /// n), activation and residual.
 struct Finish {
@@ -1641,6 +1649,18 @@ impl<'b> Kernel<'b> {
         let zero = self.iconst(0);
         let (x, scale, bias) = (inputs[0], inputs[1], inputs.get(2).copied());
         let count = self.b.ins().fcvt_from_sint(types::F64, row);
+        if axis + 1 == x_ty.rank() {
+            let contiguous: Vec<bool> = operands[1..]
+                .iter()
+                .map(|p| p.rank() > 0 && p.shape.0[p.rank() - 1] != Dim::Const(1))
+                .collect();
+            let rows = Rows {
+                outer,
+                outer_strides,
+                len: row,
+            };
+            return self.normalize_rows(rows, eps, centered, out, x, scale, bias, &contiguous);
+        }
         self.nest(outer, &[outer_strides], vec![zero], &mut |k, base| {
             let base = base[0];
             let sum = k.b.declare_var(types::F64);
@@ -1705,6 +1725,186 @@ impl<'b> Kernel<'b> {
                 Ok(())
             })
         })
+    }
+
+    /// [`Kernel::normalize`] over the last axis, four lanes at a time with scalar tails: sums and
+    /// squared deviations accumulate in f64 lanes, each `(x - mean) / std` is computed in f64 and
+    /// rounded once, then scaled and shifted in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn normalize_rows(
+        &mut self,
+        rows: Rows<'_>,
+        eps: f32,
+        centered: bool,
+        out: Value,
+        x: Value,
+        scale: Value,
+        bias: Option<Value>,
+        contiguous: &[bool],
+    ) -> Result<(), String> {
+        let zero = self.iconst(0);
+        let len = rows.len;
+        let count = self.b.ins().fcvt_from_sint(types::F64, len);
+        let vector_end = self.b.ins().band_imm_s(len, -4);
+        let params: Vec<(Value, bool)> = std::iter::once(scale)
+            .chain(bias)
+            .zip(contiguous.iter().copied())
+            .collect();
+        self.nest(
+            rows.outer,
+            &[rows.outer_strides],
+            vec![zero],
+            &mut |k, base| {
+                let (row_x, row_out) = (
+                    k.address(x, base[0], DType::F32),
+                    k.address(out, base[0], DType::F32),
+                );
+                let mean = if centered {
+                    let sum = k.sum_f64(row_x, len, vector_end, None)?;
+                    k.b.ins().fdiv(sum, count)
+                } else {
+                    k.b.ins().f64const(0.0)
+                };
+                let squares = k.sum_f64(row_x, len, vector_end, Some(mean))?;
+                let variance = k.b.ins().fdiv(squares, count);
+                let eps = k.b.ins().f64const(f64::from(eps));
+                let shifted = k.b.ins().fadd(variance, eps);
+                let root = k.b.ins().sqrt(shifted);
+                let one = k.b.ins().f64const(1.0);
+                let inv = k.b.ins().fdiv(one, root);
+                let (mean_lanes, inv_lanes) = (
+                    k.b.ins().splat(types::F64X2, mean),
+                    k.b.ins().splat(types::F64X2, inv),
+                );
+                // A parameter along the row, or one value for the whole row.
+                let param =
+                    |k: &mut Self, (p, along_row): (Value, bool), j: Value, vector: bool| {
+                        if along_row {
+                            return k.load_f32s(p, j, vector);
+                        }
+                        let scalar = k.load(p, zero, DType::F32);
+                        if vector {
+                            k.b.ins().splat(types::F32X4, scalar)
+                        } else {
+                            scalar
+                        }
+                    };
+                k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                    let v = k.load_lanes(row_x, j);
+                    let halves = [k.b.ins().fvpromote_low(v), {
+                        let high = k.high_half(v);
+                        k.b.ins().fvpromote_low(high)
+                    }];
+                    let [low, high] = halves.map(|h| {
+                        let d = k.b.ins().fsub(h, mean_lanes);
+                        let n = k.b.ins().fmul(d, inv_lanes);
+                        k.b.ins().fvdemote(n)
+                    });
+                    let mut y = k.join_low_halves(low, high);
+                    let g = param(k, params[0], j, true);
+                    y = k.b.ins().fmul(y, g);
+                    if let Some(&shift) = params.get(1) {
+                        let c = param(k, shift, j, true);
+                        y = k.b.ins().fadd(y, c);
+                    }
+                    k.store_lanes(row_out, j, y);
+                    Ok(())
+                })?;
+                k.for_steps(vector_end, len, 1, &mut |k, j| {
+                    let v = k.load(row_x, j, DType::F32);
+                    let v = k.b.ins().fpromote(types::F64, v);
+                    let d = k.b.ins().fsub(v, mean);
+                    let n = k.b.ins().fmul(d, inv);
+                    let mut y = k.b.ins().fdemote(types::F32, n);
+                    let g = param(k, params[0], j, false);
+                    y = k.b.ins().fmul(y, g);
+                    if let Some(&shift) = params.get(1) {
+                        let c = param(k, shift, j, false);
+                        y = k.b.ins().fadd(y, c);
+                    }
+                    k.store(row_out, j, DType::F32, y);
+                    Ok(())
+                })
+            },
+        )
+    }
+
+    /// The f64 sum of an f32 row's elements, or of their squared deviations from `center`, with
+    /// two f64x2 accumulators over the first `vector_end` elements and a scalar tail.
+    fn sum_f64(
+        &mut self,
+        row: Value,
+        len: Value,
+        vector_end: Value,
+        center: Option<Value>,
+    ) -> Result<Value, String> {
+        let zero = self.iconst(0);
+        let (low_sum, high_sum) = (
+            self.b.declare_var(types::F64X2),
+            self.b.declare_var(types::F64X2),
+        );
+        let zero_f64 = self.b.ins().f64const(0.0);
+        let zeros = self.b.ins().splat(types::F64X2, zero_f64);
+        self.b.def_var(low_sum, zeros);
+        self.b.def_var(high_sum, zeros);
+        let center_lanes = center.map(|c| self.b.ins().splat(types::F64X2, c));
+        self.for_steps(zero, vector_end, 4, &mut |k, j| {
+            let v = k.load_lanes(row, j);
+            let low = k.b.ins().fvpromote_low(v);
+            let high = k.high_half(v);
+            let high = k.b.ins().fvpromote_low(high);
+            for (sum, mut part) in [(low_sum, low), (high_sum, high)] {
+                if let Some(c) = center_lanes {
+                    let d = k.b.ins().fsub(part, c);
+                    part = k.b.ins().fmul(d, d);
+                }
+                let s = k.b.use_var(sum);
+                let s = k.b.ins().fadd(s, part);
+                k.b.def_var(sum, s);
+            }
+            Ok(())
+        })?;
+        let total = self.b.declare_var(types::F64);
+        let (low, high) = (self.b.use_var(low_sum), self.b.use_var(high_sum));
+        let both = self.b.ins().fadd(low, high);
+        let first = self.b.ins().extractlane(both, 0);
+        let second = self.b.ins().extractlane(both, 1);
+        let sum = self.b.ins().fadd(first, second);
+        self.b.def_var(total, sum);
+        self.for_steps(vector_end, len, 1, &mut |k, j| {
+            let v = k.load(row, j, DType::F32);
+            let mut v = k.b.ins().fpromote(types::F64, v);
+            if let Some(c) = center {
+                let d = k.b.ins().fsub(v, c);
+                v = k.b.ins().fmul(d, d);
+            }
+            let s = k.b.use_var(total);
+            let s = k.b.ins().fadd(s, v);
+            k.b.def_var(total, s);
+            Ok(())
+        })?;
+        Ok(self.b.use_var(total))
+    }
+
+    /// Elements `j..j + 4` of an f32 row as lanes, or element `j` alone.
+    fn load_f32s(&mut self, row: Value, j: Value, vector: bool) -> Value {
+        if vector {
+            self.load_lanes(row, j)
+        } else {
+            self.load(row, j, DType::F32)
+        }
+    }
+
+    /// Lanes 0 and 1 of `a` then lanes 0 and 1 of `b`.
+    fn join_low_halves(&mut self, a: Value, b: Value) -> Value {
+        let (a, b) = (
+            self.b.ins().bitcast(types::I8X16, lanes(), a),
+            self.b.ins().bitcast(types::I8X16, lanes(), b),
+        );
+        let order: Vec<u8> = (0..8).chain(16..24).collect();
+        let order = self.b.func.dfg.immediates.push(order.into());
+        let joined = self.b.ins().shuffle(a, b, order);
+        self.b.ins().bitcast(types::F32X4, lanes(), joined)
     }
 
     fn arg(

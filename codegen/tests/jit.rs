@@ -516,3 +516,50 @@ fn exp_matches_libm_over_the_f32_range() {
         "subnormal results: {worst_subnormal} ulp"
     );
 }
+
+/// The four-lane row kernels (softmax, layer and RMS norm, elementwise) at every row length
+/// around the lane count, with parameters along the row or broadcast, rows far from zero (a
+/// mean of 1000 and a spread of 0.01), and -inf and NaN in softmax rows.
+#[test]
+fn vector_rows_match_the_interpreter() {
+    for len in 1..=9 {
+        let values = |offset: f32, spread: f32| {
+            let row: Vec<String> = (0..3 * len)
+                .map(|i| {
+                    format!(
+                        "{:?}",
+                        offset + spread * (((i * 37 + 11) % 17) as f32 / 8.0 - 1.0)
+                    )
+                })
+                .collect();
+            format!("[{}]", row.join(", "))
+        };
+        let params = |value: f32| vec![format!("{value:?}"); len].join(", ");
+        let (near, far) = (values(0.0, 1.0), values(1000.0, 0.01));
+        check_text_graph(&format!(
+            "graph \"g\" {{\n  input %x : f32[3, {len}]\n  %near = const \"near\" {near} : f32[3, {len}]\n  %far = const \"far\" {far} : f32[3, {len}]\n  %g = const \"g\" [{}] : f32[{len}]\n  %b = const \"b\" [{}] : f32[{len}]\n  %one = const \"one\" [1.5] : f32[1]\n  %ln = layer_norm(%far, %g, %b) {{axis = -1, eps = 1e-5}}\n  %ln1 = layer_norm(%near, %one) {{axis = -1, eps = 1e-5}}\n  %rms = rms_norm(%far, %g) {{eps = 1e-6}}\n  %soft = softmax(%near) {{axis = -1}}\n  %sum = add(%x, %near)\n  %scaled = mul(%near, %one)\n  %rowwise = sub(%near, %g)\n  %e = exp(%near)\n  %s = silu(%far)\n  output \"ln\" = %ln\n  output \"ln1\" = %ln1\n  output \"rms\" = %rms\n  output \"soft\" = %soft\n  output \"sum\" = %sum\n  output \"scaled\" = %scaled\n  output \"rowwise\" = %rowwise\n  output \"e\" = %e\n  output \"s\" = %s\n}}",
+            params(0.75),
+            params(-0.5)
+        ));
+        let special: Vec<&str> = (0..len)
+            .map(|i| match i % 3 {
+                0 => "-inf",
+                1 => "0.5",
+                _ => "-2.0",
+            })
+            .collect();
+        let graph = kiln_ir::text::parse(&format!(
+            "graph \"g\" {{\n  input %x : f32[1, {len}]\n  %c = const \"c\" [{}] : f32[1, {len}]\n  %s = softmax(%c) {{axis = -1}}\n  output \"s\" = %s\n  output \"x\" = %x\n}}",
+            special.join(", ")
+        ))
+        .unwrap();
+        let inputs = random_inputs(&graph, 1);
+        let expected = interp::run(&graph, &inputs).unwrap();
+        let actual = compile_jit(&graph).unwrap().run(&inputs).unwrap();
+        assert_close(
+            &actual[0].1,
+            &expected[0].1,
+            &format!("softmax with -inf, len {len}"),
+        );
+    }
+}
