@@ -19,6 +19,10 @@ use kiln_runtime::spec::{
     STATUS_INDEX_OUT_OF_RANGE as INDEX_OUT_OF_RANGE, STATUS_ODD_HEAD_DIM as ODD_HEAD_DIM,
     STATUS_OUTSIDE_LAYOUT as OUTSIDE_LAYOUT,
 };
+use kiln_runtime::vector::{
+    ERFC_SCALED_LARGE, ERF_SMALL, EXP_LN2_HIGH, EXP_LN2_LOW, EXP_OVERFLOW, EXP_POLYNOMIAL,
+    EXP_UNDERFLOW,
+};
 
 /// Whether [`build`] lowers this op with these operand types.
 pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bool {
@@ -601,6 +605,15 @@ impl<'b> Kernel<'b> {
         let bases = vec![zero; strides.len()];
         let dtypes: Vec<DType> = operands.iter().map(|t| t.dtype).collect();
         let out_dtype = ty.dtype;
+        if let (Op::Unary(UnaryOp::Erf), DType::F32) = (op, out_dtype) {
+            // The runtime's erf: 16 lanes where the CPU has AVX-512, the same bits either way.
+            let count = out_dims
+                .iter()
+                .copied()
+                .reduce(|a, b| self.b.ins().imul(a, b))
+                .unwrap_or_else(|| self.iconst(1));
+            return self.call_void("kiln_erf", &[count, inputs[0], out]);
+        }
         if ty.rank() > 0 && vectorizes(op, ty, operands) {
             return self.elementwise_lanes(op, ty, operands, out, inputs, &out_dims, &strides);
         }
@@ -1108,7 +1121,7 @@ impl<'b> Kernel<'b> {
         let axis = resolve_axis(axis, ty.rank())?;
         let (outer_dims, outer_strides, len, stride) = self.split_axis(ty, axis);
         if axis + 1 == ty.rank() {
-            return self.softmax_rows(&outer_dims, outer_strides, len, out, x);
+            return self.softmax_rows(&outer_dims, len, out, x);
         }
         let zero = self.iconst(0);
         self.nest(&outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
@@ -1157,104 +1170,20 @@ impl<'b> Kernel<'b> {
         })
     }
 
-    /// Softmax over contiguous rows, four lanes at a time with a scalar tail: the maximum, then
-    /// `e^(x - max)` stored and summed in f64 (as the interpreter sums), then a multiplication by
-    /// the sum's reciprocal (within an ulp of the interpreter's division).
+    /// Softmax over contiguous rows, by the runtime's row kernel (AVX-512 where the CPU has it).
     fn softmax_rows(
         &mut self,
         outer_dims: &[Value],
-        outer_strides: Vec<Value>,
         len: Value,
         out: Value,
         x: Value,
     ) -> Result<(), String> {
-        let zero = self.iconst(0);
-        let vector_end = self.b.ins().band_imm_s(len, -4);
-        self.nest(outer_dims, &[outer_strides], vec![zero], &mut |k, base| {
-            let (row_x, row_out) = (
-                k.address(x, base[0], DType::F32),
-                k.address(out, base[0], DType::F32),
-            );
-            let lanes_max = k.b.declare_var(types::F32X4);
-            let minus_inf = k.float(types::F32X4, f32::NEG_INFINITY);
-            k.b.def_var(lanes_max, minus_inf);
-            k.for_steps(zero, vector_end, 4, &mut |k, j| {
-                let v = k.load_lanes(row_x, j);
-                let m = k.b.use_var(lanes_max);
-                let m = k.b.ins().fmax(m, v);
-                k.b.def_var(lanes_max, m);
-                Ok(())
-            })?;
-            let max = k.b.declare_var(types::F32);
-            let m = k.b.use_var(lanes_max);
-            let m = k.horizontal(m, |b, x, y| b.ins().fmax(x, y));
-            k.b.def_var(max, m);
-            k.for_steps(vector_end, len, 1, &mut |k, j| {
-                let v = k.load(row_x, j, DType::F32);
-                let m = k.b.use_var(max);
-                let m = k.b.ins().fmax(m, v);
-                k.b.def_var(max, m);
-                Ok(())
-            })?;
-            let m = k.b.use_var(max);
-            let lanes_of_max = k.b.ins().splat(types::F32X4, m);
-            let (sum_low, sum_high) =
-                (k.b.declare_var(types::F64X2), k.b.declare_var(types::F64X2));
-            let zero_f64 = k.b.ins().f64const(0.0);
-            let zeros = k.b.ins().splat(types::F64X2, zero_f64);
-            k.b.def_var(sum_low, zeros);
-            k.b.def_var(sum_high, zeros);
-            k.for_steps(zero, vector_end, 4, &mut |k, j| {
-                let v = k.load_lanes(row_x, j);
-                let shifted = k.b.ins().fsub(v, lanes_of_max);
-                let e = k.exp_f32(shifted);
-                k.store_lanes(row_out, j, e);
-                let low = k.b.ins().fvpromote_low(e);
-                let high = k.high_half(e);
-                let high = k.b.ins().fvpromote_low(high);
-                for (sum, part) in [(sum_low, low), (sum_high, high)] {
-                    let s = k.b.use_var(sum);
-                    let s = k.b.ins().fadd(s, part);
-                    k.b.def_var(sum, s);
-                }
-                Ok(())
-            })?;
-            let sum = k.b.declare_var(types::F64);
-            let (low, high) = (k.b.use_var(sum_low), k.b.use_var(sum_high));
-            let both = k.b.ins().fadd(low, high);
-            let first = k.b.ins().extractlane(both, 0);
-            let second = k.b.ins().extractlane(both, 1);
-            let total = k.b.ins().fadd(first, second);
-            k.b.def_var(sum, total);
-            k.for_steps(vector_end, len, 1, &mut |k, j| {
-                let v = k.load(row_x, j, DType::F32);
-                let shifted = k.b.ins().fsub(v, m);
-                let e = k.exp_f32(shifted);
-                k.store(row_out, j, DType::F32, e);
-                let s = k.b.use_var(sum);
-                let wide = k.b.ins().fpromote(types::F64, e);
-                let s = k.b.ins().fadd(s, wide);
-                k.b.def_var(sum, s);
-                Ok(())
-            })?;
-            let one = k.b.ins().f64const(1.0);
-            let s = k.b.use_var(sum);
-            let inverse = k.b.ins().fdiv(one, s);
-            let inverse = k.b.ins().fdemote(types::F32, inverse);
-            let lanes_of_inverse = k.b.ins().splat(types::F32X4, inverse);
-            k.for_steps(zero, vector_end, 4, &mut |k, j| {
-                let e = k.load_lanes(row_out, j);
-                let p = k.b.ins().fmul(e, lanes_of_inverse);
-                k.store_lanes(row_out, j, p);
-                Ok(())
-            })?;
-            k.for_steps(vector_end, len, 1, &mut |k, j| {
-                let e = k.load(row_out, j, DType::F32);
-                let p = k.b.ins().fmul(e, inverse);
-                k.store(row_out, j, DType::F32, p);
-                Ok(())
-            })
-        })
+        let rows = outer_dims
+            .iter()
+            .copied()
+            .reduce(|a, b| self.b.ins().imul(a, b))
+            .unwrap_or_else(|| self.iconst(1));
+        self.call_void("kiln_softmax_rows", &[rows, len, x, out])
     }
 
     /// Loads elements `j..j + 4` of an f32 row.
@@ -1276,19 +1205,6 @@ impl<'b> Kernel<'b> {
         let order = self.b.func.dfg.immediates.push(order.into());
         let moved = self.b.ins().shuffle(bytes, bytes, order);
         self.b.ins().bitcast(types::F32X4, lanes(), moved)
-    }
-
-    /// Combines the four lanes of an f32x4 into one f32.
-    fn horizontal(
-        &mut self,
-        v: Value,
-        combine: impl Fn(&mut FunctionBuilder<'_>, Value, Value) -> Value,
-    ) -> Value {
-        let lane = |k: &mut Self, i: u8| k.b.ins().extractlane(v, i);
-        let (l0, l1, l2, l3) = (lane(self, 0), lane(self, 1), lane(self, 2), lane(self, 3));
-        let a = combine(&mut self.b, l0, l1);
-        let c = combine(&mut self.b, l2, l3);
-        combine(&mut self.b, a, c)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2325,20 +2241,12 @@ impl<'b> Kernel<'b> {
         let scaled = self.b.ins().fmul(x, log2e);
         let scaled = self.b.ins().fadd(scaled, half);
         let n = self.b.ins().floor(scaled);
-        let (c1, c2) = (c(self, 0.693_359_4), c(self, -2.121_944_4e-4));
+        let (c1, c2) = (c(self, EXP_LN2_HIGH), c(self, EXP_LN2_LOW));
         let r = self.b.ins().fmul(n, c1);
         let r = self.b.ins().fsub(x, r);
         let r2 = self.b.ins().fmul(n, c2);
         let r = self.b.ins().fsub(r, r2);
-        let coefficients = [
-            1.987_569_1e-4,
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ];
-        let poly = self.polynomial_f32(&coefficients, r);
+        let poly = self.polynomial_f32(&EXP_POLYNOMIAL, r);
         let rr = self.b.ins().fmul(r, r);
         let y = self.b.ins().fmul(poly, rr);
         let y = self.b.ins().fadd(y, r);
@@ -2363,7 +2271,7 @@ impl<'b> Kernel<'b> {
         let (f1, f2) = (factor(self, first), factor(self, second));
         let result = self.b.ins().fmul(y, f1);
         let result = self.b.ins().fmul(result, f2);
-        let (overflow, underflow) = (c(self, 88.722_84), c(self, -103.972_08));
+        let (overflow, underflow) = (c(self, EXP_OVERFLOW), c(self, EXP_UNDERFLOW));
         let (inf, zero) = (c(self, f32::INFINITY), c(self, 0.0));
         let big = self.b.ins().fcmp(FloatCC::GreaterThan, x, overflow);
         let result = self.select_float(big, inf, result);
@@ -2462,28 +2370,3 @@ impl<'b> Kernel<'b> {
         poly
     }
 }
-
-/// `erf(x)/x - 1` as a polynomial in `x^2` on [0, 1], highest power first.
-const ERF_SMALL: [f32; 7] = [
-    7.854_23e-5,
-    -8.010_315e-4,
-    5.188_343e-3,
-    -2.685_382_2e-2,
-    0.112_835_854,
-    -0.376_126_26,
-    0.128_379_17,
-];
-
-/// `erfc(x) e^(x^2)` as a polynomial in `1/x` on [1, 4], highest power first.
-const ERFC_SCALED_LARGE: [f32; 10] = [
-    3.071_601e-2,
-    -0.179_724_13,
-    0.438_267_6,
-    -0.536_986_3,
-    0.238_366_32,
-    0.230_376_99,
-    -0.375_856_5,
-    2.053_434_8e-2,
-    0.561_768_2,
-    1.210_676_2e-4,
-];

@@ -13,6 +13,7 @@ pub mod math;
 mod model;
 mod sgemm;
 pub mod spec;
+pub mod vector;
 pub mod weights;
 
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
@@ -21,8 +22,10 @@ pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 13] {
+pub fn symbols() -> [(&'static str, *const u8); 15] {
     [
+        ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
+        ("kiln_erf", vector::kiln_erf as *const u8),
         ("kiln_sgemm", kiln_sgemm as *const u8),
         ("kiln_sgemm_packed", kiln_sgemm_packed as *const u8),
         ("kiln_log", math::kiln_log as *const u8),

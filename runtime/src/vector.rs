@@ -1,0 +1,372 @@
+//! Whole-row math the generated code calls where Cranelift's 128-bit vectors are measured too
+//! slow: softmax over contiguous rows and `erf` over a run of values. Both follow exactly the
+//! operation sequence of the code generator's inline `exp` and `erf` (Cephes' `expf` scheme; two
+//! fitted polynomials for `erf`, see `codegen/tools/fit_erf.py`), multiplications and additions
+//! kept separate, so every path gives the bits of the generated scalar code: 16 lanes with
+//! AVX-512 where the CPU has it, one value at a time elsewhere. The constants live here, and the
+//! code generator uses them too.
+
+/// `erf(x)/x - 1` as a polynomial in `x^2` on [0, 1], highest power first.
+pub const ERF_SMALL: [f32; 7] = [
+    7.854_23e-5,
+    -8.010_315e-4,
+    5.188_343e-3,
+    -2.685_382_2e-2,
+    0.112_835_854,
+    -0.376_126_26,
+    0.128_379_17,
+];
+
+/// `erfc(x) e^(x^2)` as a polynomial in `1/x` on [1, 4], highest power first.
+pub const ERFC_SCALED_LARGE: [f32; 10] = [
+    3.071_601e-2,
+    -0.179_724_13,
+    0.438_267_6,
+    -0.536_986_3,
+    0.238_366_32,
+    0.230_376_99,
+    -0.375_856_5,
+    2.053_434_8e-2,
+    0.561_768_2,
+    1.210_676_2e-4,
+];
+
+/// `(e^r - 1 - r) / r^2` as a polynomial in `r` on [-ln2/2, ln2/2], highest power first.
+pub const EXP_POLYNOMIAL: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// ln 2 in two parts: the high part has few mantissa bits, so `n * high` is exact.
+pub const EXP_LN2_HIGH: f32 = 0.693_359_4;
+/// The rest of ln 2.
+pub const EXP_LN2_LOW: f32 = -2.121_944_4e-4;
+/// Above this, `e^x` is +inf in f32.
+pub const EXP_OVERFLOW: f32 = 88.722_84;
+/// Below this, `e^x` rounds to 0 in f32.
+pub const EXP_UNDERFLOW: f32 = -103.972_08;
+
+/// 1.5 * 2^23: adding it to an integer-valued f32 of magnitude below 2^22 puts the integer in the
+/// low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
+fn polynomial(coefficients: &[f32], v: f32) -> f32 {
+    coefficients[1..]
+        .iter()
+        .fold(coefficients[0], |poly, &c| poly * v + c)
+}
+
+/// `e^x`, scalar, as the generated code computes it.
+pub fn exp(x: f32) -> f32 {
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * EXP_LN2_HIGH;
+    let r = r - n * EXP_LN2_LOW;
+    let y = polynomial(&EXP_POLYNOMIAL, r) * (r * r) + r + 1.0;
+    let ni = (n + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+    let first = ni >> 1;
+    let second = ni.wrapping_sub(first);
+    let factor = |e: i32| f32::from_bits((e.wrapping_add(127) << 23) as u32);
+    let result = y * factor(first) * factor(second);
+    if x.is_nan() {
+        x
+    } else if x < EXP_UNDERFLOW {
+        0.0
+    } else if x > EXP_OVERFLOW {
+        f32::INFINITY
+    } else {
+        result
+    }
+}
+
+/// `erf(x)`, scalar, as the generated code computes it.
+pub fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    if a < 1.0 {
+        let t = x * x;
+        return x + x * polynomial(&ERF_SMALL, t);
+    }
+    if a.is_nan() {
+        return a;
+    }
+    let clamped = a.clamp(1.0, 4.0);
+    let p = polynomial(&ERFC_SCALED_LARGE, 1.0 / clamped);
+    let tail = exp(-(clamped * clamped)) * p;
+    (1.0 - tail).copysign(x)
+}
+
+/// Softmax of one row into `out` (same length).
+fn softmax_row(x: &[f32], out: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+        if m.is_nan() || v.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v)
+        }
+    });
+    let mut sum = 0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = exp(v - max);
+        sum += f64::from(*o);
+    }
+    let inverse = (1.0 / sum) as f32;
+    for o in out.iter_mut() {
+        *o *= inverse;
+    }
+}
+
+/// Softmax over `rows` contiguous rows of `len` f32: `y[r, :] = softmax(x[r, :])`, the maximum
+/// subtracted first, the sum in f64, then a multiplication by its reciprocal.
+///
+/// # Safety
+/// `x` and `y` must hold `rows * len` f32 each; they may be the same buffer but not otherwise
+/// overlap. Negative sizes are treated as zero.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_softmax_rows(rows: i64, len: i64, x: *const f32, y: *mut f32) {
+    let (rows, len) = (
+        usize::try_from(rows).unwrap_or(0),
+        usize::try_from(len).unwrap_or(0),
+    );
+    if rows == 0 || len == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F; the buffers as the caller promised.
+        return unsafe { x86::softmax_rows(rows, len, x, y) };
+    }
+    for r in 0..rows {
+        // SAFETY: row r of each buffer holds `len` f32 (caller's contract); reading a row before
+        // writing it keeps in-place use correct.
+        let row: Vec<f32> = unsafe { std::slice::from_raw_parts(x.add(r * len), len) }.to_vec();
+        // SAFETY: as above.
+        let out = unsafe { std::slice::from_raw_parts_mut(y.add(r * len), len) };
+        softmax_row(&row, out);
+    }
+}
+
+/// `y[i] = erf(x[i])` for `i < n`.
+///
+/// # Safety
+/// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
+    let n = usize::try_from(n).unwrap_or(0);
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F; the buffers as the caller promised.
+        return unsafe { x86::erf(n, x, y) };
+    }
+    for i in 0..n {
+        // SAFETY: element i of both buffers exists (caller's contract).
+        unsafe { *y.add(i) = erf(*x.add(i)) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Lanes whose index is below `count` (at most 16).
+    fn mask(count: usize) -> __mmask16 {
+        if count >= 16 {
+            0xffff
+        } else {
+            (1u16 << count) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn splat(v: f32) -> __m512 {
+        _mm512_set1_ps(v)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn polynomial16(coefficients: &[f32], v: __m512) -> __m512 {
+        coefficients[1..]
+            .iter()
+            .fold(splat(coefficients[0]), |poly, &c| {
+                _mm512_add_ps(_mm512_mul_ps(poly, v), splat(c))
+            })
+    }
+
+    /// [`super::exp`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp16(x: __m512) -> __m512 {
+        let scaled = _mm512_add_ps(
+            _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
+            splat(0.5),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(scaled);
+        let r = _mm512_sub_ps(x, _mm512_mul_ps(n, splat(EXP_LN2_HIGH)));
+        let r = _mm512_sub_ps(r, _mm512_mul_ps(n, splat(EXP_LN2_LOW)));
+        let poly = polynomial16(&EXP_POLYNOMIAL, r);
+        let y = _mm512_add_ps(_mm512_mul_ps(poly, _mm512_mul_ps(r, r)), r);
+        let y = _mm512_add_ps(y, splat(1.0));
+        let ni = _mm512_sub_epi32(
+            _mm512_castps_si512(_mm512_add_ps(n, splat(MAGIC))),
+            _mm512_set1_epi32(MAGIC.to_bits() as i32),
+        );
+        let first = _mm512_srai_epi32::<1>(ni);
+        let second = _mm512_sub_epi32(ni, first);
+        let factor = |e: __m512i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                e,
+                _mm512_set1_epi32(127),
+            )))
+        };
+        let result = _mm512_mul_ps(_mm512_mul_ps(y, factor(first)), factor(second));
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, splat(EXP_OVERFLOW));
+        let result = _mm512_mask_mov_ps(result, big, splat(f32::INFINITY));
+        let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, splat(EXP_UNDERFLOW));
+        let result = _mm512_mask_mov_ps(result, small, _mm512_setzero_ps());
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_mask_mov_ps(result, nan, x)
+    }
+
+    /// [`super::erf`] on 16 lanes: both pieces, then a blend.
+    #[target_feature(enable = "avx512f")]
+    fn erf16(x: __m512) -> __m512 {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
+        let t = _mm512_mul_ps(x, x);
+        let near = _mm512_add_ps(x, _mm512_mul_ps(x, polynomial16(&ERF_SMALL, t)));
+        // max(1, a) and min(4, .) return their second operand for NaN, which keeps it.
+        let clamped = _mm512_min_ps(splat(4.0), _mm512_max_ps(splat(1.0), a));
+        let p = polynomial16(&ERFC_SCALED_LARGE, _mm512_div_ps(splat(1.0), clamped));
+        let square = _mm512_mul_ps(clamped, clamped);
+        let negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(square), sign));
+        let tail = _mm512_mul_ps(exp16(negated), p);
+        let far = _mm512_sub_ps(splat(1.0), tail);
+        let far = _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(far),
+            _mm512_and_si512(_mm512_castps_si512(x), sign),
+        ));
+        let is_near = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, splat(1.0));
+        _mm512_mask_mov_ps(far, is_near, near)
+    }
+
+    /// # Safety
+    /// As [`super::kiln_erf`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn erf(n: usize, x: *const f32, y: *mut f32) {
+        for start in (0..n).step_by(16) {
+            let lanes = mask(n - start);
+            // SAFETY: the masked lanes lie within the n elements.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(lanes, x.add(start));
+                _mm512_mask_storeu_ps(y.add(start), lanes, erf16(v));
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`super::kiln_softmax_rows`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_rows(rows: usize, len: usize, x: *const f32, y: *mut f32) {
+        for r in 0..rows {
+            // SAFETY: row r of both buffers holds `len` f32 (caller's contract).
+            let (x, y) = unsafe { (x.add(r * len), y.add(r * len)) };
+            let mut max = splat(f32::NEG_INFINITY);
+            let mut nan = false;
+            for start in (0..len).step_by(16) {
+                let lanes = mask(len - start);
+                // SAFETY: the masked lanes lie within the row.
+                let v =
+                    unsafe { _mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), lanes, x.add(start)) };
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) != 0;
+                max = _mm512_max_ps(max, v);
+            }
+            let max = splat(if nan {
+                f32::NAN
+            } else {
+                _mm512_reduce_max_ps(max)
+            });
+            let (mut low, mut high) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+            for start in (0..len).step_by(16) {
+                let lanes = mask(len - start);
+                // SAFETY: the masked lanes lie within the row.
+                let v = unsafe { _mm512_maskz_loadu_ps(lanes, x.add(start)) };
+                let e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(v, max)));
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(y.add(start), lanes, e) };
+                let halves = _mm512_castps_si512(e);
+                low = _mm512_add_pd(
+                    low,
+                    _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_castsi512_si256(halves))),
+                );
+                high = _mm512_add_pd(
+                    high,
+                    _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64::<1>(halves))),
+                );
+            }
+            let sum = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+            let inverse = splat((1.0 / sum) as f32);
+            for start in (0..len).step_by(16) {
+                let lanes = mask(len - start);
+                // SAFETY: the masked lanes lie within the row.
+                unsafe {
+                    let e = _mm512_maskz_loadu_ps(lanes, y.add(start));
+                    _mm512_mask_storeu_ps(y.add(start), lanes, _mm512_mul_ps(e, inverse));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 4096th f32 and the special values, 16-lane path against the scalar one, bit for bit.
+    #[test]
+    fn lanes_and_scalar_paths_agree() {
+        let mut values: Vec<f32> = (0u32..u32::MAX).step_by(4096).map(f32::from_bits).collect();
+        values.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            4.0,
+        ]);
+        let mut got = vec![0f32; values.len()];
+        // SAFETY: both buffers hold values.len() f32.
+        unsafe { kiln_erf(values.len() as i64, values.as_ptr(), got.as_mut_ptr()) };
+        for (&x, &y) in values.iter().zip(&got) {
+            let want = erf(x);
+            assert!(
+                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                "erf({x:e}): {y:e} vs {want:e}"
+            );
+        }
+        for len in 1..40 {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 + 11) % 17) as f32 - 8.0)
+                .collect();
+            let mut got = vec![0f32; len];
+            // SAFETY: both buffers hold one row of len f32.
+            unsafe { kiln_softmax_rows(1, len as i64, row.as_ptr(), got.as_mut_ptr()) };
+            let mut want = vec![0f32; len];
+            softmax_row(&row, &mut want);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-30),
+                    "len {len}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
