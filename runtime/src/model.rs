@@ -111,11 +111,49 @@ pub struct Input<'a> {
     pub data: &'a [u8],
 }
 
+/// The buffers of a model: zeroed memory from the allocator, which for large sizes maps fresh
+/// zero pages lazily, so that only the pages a run touches (buffers are planned for the symbols'
+/// maxima) are ever faulted in, and creating a model costs no pass over all of it.
+struct Arena {
+    allocation: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl Arena {
+    /// Buffers start on cache lines, and so does the arena.
+    const ALIGN: usize = 64;
+
+    /// The allocation asks only for the alignment `calloc` gives (an over-aligned zeroed
+    /// allocation is an aligned allocation plus a memset over every page) and rounds the start up
+    /// itself.
+    fn zeroed(bytes: usize) -> Option<Arena> {
+        let layout =
+            std::alloc::Layout::from_size_align(bytes.checked_add(Self::ALIGN)?, 16).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let allocation = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(Arena { allocation, layout })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        let start = self.allocation.as_ptr();
+        // SAFETY: the allocation holds ALIGN bytes more than the arena, so rounding the start up
+        // to ALIGN stays inside it.
+        unsafe { start.add(start.align_offset(Self::ALIGN)) }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.allocation.as_ptr(), self.layout) };
+    }
+}
+
 /// A model ready to run: its spec, kernels, weights and arena.
 pub struct Model {
     spec: ModelSpec,
     kernels: Vec<Kernel>,
-    arena: Vec<u64>,
+    arena: Arena,
     /// One pointer per slot of the spec's buffer table; input slots are set by each run.
     table: Vec<*mut u8>,
     /// Symbol values as bound by the inputs (`None` when no input binds the symbol).
@@ -168,17 +206,13 @@ impl Model {
                 ));
             }
         }
-        let mut arena: Vec<u64> = Vec::new();
-        arena
-            .try_reserve_exact(spec.arena_bytes.div_ceil(8))
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Memory,
-                    format!("cannot allocate {} bytes of buffers: {e}", spec.arena_bytes),
-                )
-            })?;
-        arena.resize(spec.arena_bytes.div_ceil(8), 0);
-        let base = arena.as_mut_ptr().cast::<u8>();
+        let mut arena = Arena::zeroed(spec.arena_bytes).ok_or_else(|| {
+            Error::new(
+                ErrorCode::Memory,
+                format!("cannot allocate {} bytes of buffers", spec.arena_bytes),
+            )
+        })?;
+        let base = arena.as_mut_ptr();
         let table = spec
             .slots
             .iter()
@@ -245,7 +279,7 @@ impl Model {
         for (spec, input) in self.spec.inputs.iter().zip(inputs) {
             // Kernels only read their operands, so the input's bytes are never written.
             self.table[spec.slot] = if input.data.is_empty() {
-                self.arena.as_mut_ptr().cast()
+                self.arena.as_mut_ptr()
             } else {
                 input.data.as_ptr().cast_mut()
             };
