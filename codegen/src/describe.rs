@@ -127,7 +127,7 @@ pub(crate) fn describe<'g>(
         .iter()
         .map(|(name, id)| tensor(&mut dims, *id, name))
         .collect();
-    let mut slots = Vec::with_capacity(plan.order().len() + 1);
+    let mut slots: Vec<Slot> = Vec::with_capacity(plan.order().len() + 1);
     let mut blob = Blob::default();
     let mut weight_index: HashMap<&str, usize> = HashMap::new();
     let mut buffers = Vec::new();
@@ -135,6 +135,10 @@ pub(crate) fn describe<'g>(
     let mut kernel_nodes = Vec::new();
     for &id in plan.order() {
         let node = graph.node(id);
+        if let Some(source) = plan.alias_of(id) {
+            slots.push(slots[plan.index(source)].clone());
+            continue;
+        }
         let slot = match &node.op {
             Op::Input => Slot::Input(
                 graph

@@ -16,6 +16,8 @@ pub struct Plan {
     arena_bytes: usize,
     /// Matrix products whose right operand is a weight packed at compile time, in order.
     packed: Vec<PackedWeight>,
+    /// Nodes that own no buffer but read another node's (reshapes), with that node.
+    aliases: HashMap<NodeId, NodeId>,
 }
 
 /// A matrix product whose right operand, a 2-D f32 weight, is stored packed into the runtime's
@@ -71,9 +73,17 @@ impl Plan {
         let mut buffers = HashMap::new();
         let mut arena_bytes = 0usize;
         let mut scratch_bytes = 0usize;
+        let mut aliases: HashMap<NodeId, NodeId> = HashMap::new();
         for &id in &order {
             let node = graph.node(id);
             if matches!(node.op, Op::Input | Op::Constant { .. }) {
+                continue;
+            }
+            if let Op::Reshape { .. } = node.op {
+                // The same bytes under other dims: every buffer is written once, by its
+                // producer, so the reshape can read its source's for as long as it lives.
+                let source = graph.operands(id)[0];
+                aliases.insert(id, aliases.get(&source).copied().unwrap_or(source));
                 continue;
             }
             let upper = |d: &kiln_ir::Dim| {
@@ -115,6 +125,7 @@ impl Plan {
             scratch_bytes,
             arena_bytes,
             packed,
+            aliases,
         })
     }
 
@@ -151,6 +162,11 @@ impl Plan {
     /// The buffer-table slot of the scratch space: after every node's.
     pub fn scratch_slot(&self) -> usize {
         self.order.len()
+    }
+
+    /// The node whose buffer `id` shares, when it owns none (a reshape of it).
+    pub fn alias_of(&self, id: NodeId) -> Option<NodeId> {
+        self.aliases.get(&id).copied()
     }
 
     /// The products with packed weights, in execution order.

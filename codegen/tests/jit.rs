@@ -563,3 +563,10 @@ fn vector_rows_match_the_interpreter() {
         );
     }
 }
+
+/// Reshapes own no buffer: they read their source's, here an input's, whose pointer each run sets
+/// in every slot that shares it (a regression: the shared slots were left null).
+#[test]
+fn reshapes_share_their_source_buffers() {
+    check_text_graph("graph \"g\" {\n  sym seq <= 8\n  input %x : f32[seq, 4]\n  %flat = reshape(%x) {shape = [seq*4]}\n  %again = reshape(%flat) {shape = [2, seq*2]}\n  %doubled = add(%again, %again)\n  %w = const \"w\" [1.0, 2.0, 3.0, 4.0] : f32[4]\n  %wide = reshape(%w) {shape = [2, 2]}\n  output \"flat\" = %flat\n  output \"doubled\" = %doubled\n  output \"wide\" = %wide\n}");
+}

@@ -156,6 +156,8 @@ pub struct Model {
     arena: Arena,
     /// One pointer per slot of the spec's buffer table; input slots are set by each run.
     table: Vec<*mut u8>,
+    /// The slots that point at each input (its own, and those of nodes sharing its bytes).
+    input_slots: Vec<Vec<usize>>,
     /// Symbol values as bound by the inputs (`None` when no input binds the symbol).
     bindings: Vec<Option<i64>>,
     /// Symbol values as the kernels read them.
@@ -256,7 +258,18 @@ impl Model {
         {
             return Err(internal("a tensor names no dim".into()));
         }
+        let input_slots = (0..spec.inputs.len())
+            .map(|input| {
+                spec.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, slot)| **slot == Slot::Input(input))
+                    .map(|(index, _)| index)
+                    .collect()
+            })
+            .collect();
         Ok(Model {
+            input_slots,
             bindings: vec![None; spec.symbols.len()],
             symbols: vec![0; spec.symbols.len()],
             dim_values: vec![0; spec.dims.len()],
@@ -276,13 +289,16 @@ impl Model {
     /// Runs the model; the outputs stay readable in the returned view until the next run.
     pub fn run<'a>(&'a mut self, inputs: &[Input<'a>]) -> Result<Outputs<'a>, Error> {
         self.bind(inputs)?;
-        for (spec, input) in self.spec.inputs.iter().zip(inputs) {
+        for (slots, input) in self.input_slots.iter().zip(inputs) {
             // Kernels only read their operands, so the input's bytes are never written.
-            self.table[spec.slot] = if input.data.is_empty() {
+            let pointer = if input.data.is_empty() {
                 self.arena.as_mut_ptr()
             } else {
                 input.data.as_ptr().cast_mut()
             };
+            for &slot in slots {
+                self.table[slot] = pointer;
+            }
         }
         for (index, kernel) in self.kernels.iter().enumerate() {
             // SAFETY: `bind` checked the inputs' sizes, every dim and every buffer's size at these
