@@ -476,6 +476,22 @@ impl<'b> Kernel<'b> {
                 let permuted: Vec<Value> = perm.iter().map(|&p| strides[p]).collect();
                 let zero = self.iconst(0);
                 let dtype = node.ty.dtype;
+                let last = perm.len().wrapping_sub(1);
+                if perm.last() == Some(&last) {
+                    // The innermost axis stays innermost: copy whole contiguous runs.
+                    let run = out_dims[last];
+                    return self.nest(
+                        &out_dims[..last],
+                        &[out_strides[..last].to_vec(), permuted[..last].to_vec()],
+                        vec![zero, zero],
+                        &mut |k, offsets| {
+                            let from = k.address(inputs[0], offsets[1], dtype);
+                            let to = k.address(out, offsets[0], dtype);
+                            let bytes = k.b.ins().imul_imm_s(run, dtype.size_bytes() as i64);
+                            k.copy_bytes(from, to, bytes)
+                        },
+                    );
+                }
                 self.nest(
                     &out_dims,
                     &[out_strides, permuted],
@@ -1184,6 +1200,24 @@ impl<'b> Kernel<'b> {
             .reduce(|a, b| self.b.ins().imul(a, b))
             .unwrap_or_else(|| self.iconst(1));
         self.call_void("kiln_softmax_rows", &[rows, len, x, out])
+    }
+
+    /// Copies `bytes` bytes from `from` to `to` (not overlapping): 16 at a time, then one by one.
+    fn copy_bytes(&mut self, from: Value, to: Value, bytes: Value) -> Result<(), String> {
+        let zero = self.iconst(0);
+        let vector_end = self.b.ins().band_imm_s(bytes, -16);
+        self.for_steps(zero, vector_end, 16, &mut |k, i| {
+            let (src, dst) = (k.b.ins().iadd(from, i), k.b.ins().iadd(to, i));
+            let v = k.b.ins().load(types::I8X16, memory(), src, 0);
+            k.b.ins().store(memory(), v, dst, 0);
+            Ok(())
+        })?;
+        self.for_steps(vector_end, bytes, 1, &mut |k, i| {
+            let (src, dst) = (k.b.ins().iadd(from, i), k.b.ins().iadd(to, i));
+            let v = k.b.ins().load(types::I8, memory(), src, 0);
+            k.b.ins().store(memory(), v, dst, 0);
+            Ok(())
+        })
     }
 
     /// Loads elements `j..j + 4` of an f32 row.
