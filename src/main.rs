@@ -52,9 +52,9 @@ enum Command {
         /// Untimed runs first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        /// Threads (the JIT runs on one so far).
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+        /// Threads for the parallel loops (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// How to execute the model.
         #[arg(long, value_enum, default_value_t = Backend::Jit)]
         backend: Backend,
@@ -98,6 +98,9 @@ enum Command {
         /// How to execute the model.
         #[arg(long, value_enum, default_value_t = Backend::Jit)]
         backend: Backend,
+        /// Threads for the parallel loops (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -210,12 +213,10 @@ fn bench(
     dims: &[(String, i64)],
     iters: usize,
     warmup: usize,
-    threads: usize,
+    threads: Option<usize>,
     backend: Backend,
 ) -> Result<()> {
-    if threads != 1 {
-        bail!("--threads {threads}: kiln runs models on one thread so far");
-    }
+    let threads = threads_or_all(threads)?;
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -234,11 +235,15 @@ fn bench(
         shapes.join(" ")
     );
     if let Backend::Aot = backend {
-        return bench_executable(&graph, &feed, load_ms, iters, warmup);
+        return bench_executable(&graph, &feed, load_ms, iters, warmup, threads);
     }
     let started = std::time::Instant::now();
     let mut jit = match backend {
-        Backend::Jit => Some(kiln_codegen::compile_jit(&graph)?),
+        Backend::Jit => {
+            let mut jit = kiln_codegen::compile_jit(&graph)?;
+            jit.set_threads(threads)?;
+            Some(jit)
+        }
         _ => None,
     };
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -261,12 +266,25 @@ fn bench(
     times.sort_by(f64::total_cmp);
     println!("load: {load_ms:.1} ms, compile: {compile_ms:.1} ms");
     println!(
-        "run: median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({iters} runs after {warmup} warm-up, 1 thread)",
+        "run: median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({iters} runs after {warmup} warm-up, {})",
         quantile(&times, 0.5),
         quantile(&times, 0.1),
-        quantile(&times, 0.9)
+        quantile(&times, 0.9),
+        match (backend, threads) {
+            (Backend::Interp, _) | (_, 1) => "1 thread".to_string(),
+            (_, n) => format!("{n} threads"),
+        }
     );
     Ok(())
+}
+
+/// `--threads`, or every core the process may use.
+fn threads_or_all(threads: Option<usize>) -> Result<usize> {
+    match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
+    }
 }
 
 /// Compiles the graph into an executable (weights external) in a temporary directory and times
@@ -277,6 +295,7 @@ fn bench_executable(
     load_ms: f64,
     iters: usize,
     warmup: usize,
+    threads: usize,
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let started = std::time::Instant::now();
@@ -297,6 +316,8 @@ fn bench_executable(
             &iters.to_string(),
             "--warmup",
             &warmup.to_string(),
+            "--threads",
+            &threads.to_string(),
         ])
         .output()
         .context("running the compiled executable")?;
@@ -398,7 +419,9 @@ fn run(
     inputs: &Path,
     output: &Path,
     backend: Backend,
+    threads: Option<usize>,
 ) -> Result<()> {
+    let threads = threads_or_all(threads)?;
     let graph = load_model(model, shapes)?;
     if let Backend::Aot = backend {
         let dir = tempfile::tempdir()?;
@@ -414,6 +437,7 @@ fn run(
             .arg(inputs)
             .arg("--output")
             .arg(output)
+            .args(["--threads", &threads.to_string()])
             .status()
             .context("running the compiled executable")?;
         if !status.success() {
@@ -428,7 +452,10 @@ fn run(
             interp::run(&graph, &inputs).with_context(|| format!("running {}", model.display()))?
         }
         Backend::Jit => kiln_codegen::compile_jit(&graph)
-            .and_then(|mut jit| jit.run(&inputs))
+            .and_then(|mut jit| {
+                jit.set_threads(threads)?;
+                jit.run(&inputs)
+            })
             .with_context(|| format!("running {} with the JIT", model.display()))?,
     };
     kiln_ir::save_tensors(output, &outputs)?;
@@ -481,7 +508,8 @@ fn main() -> ExitCode {
             inputs,
             output,
             backend,
-        } => run(model, shapes, inputs, output, *backend),
+            threads,
+        } => run(model, shapes, inputs, output, *backend, *threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

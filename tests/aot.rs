@@ -284,6 +284,12 @@ fn c_api_runs_the_model_and_refuses_every_bad_call() {
     expect("wrong output dtype", 3, "the output is f32");
     expect("no outputs", 3, "0 outputs given, the model has 1");
     expect("run again", 0, "");
+    expect("zero threads", 2, "at least 1");
+    expect("one thread", 0, "");
+    expect("run on one thread", 0, "");
+    expect("three threads", 0, "");
+    expect("run on three threads", 0, "");
+    assert_eq!(lines["threads agree"], "1");
     expect(
         "missing weight file",
         4,

@@ -3,7 +3,8 @@
 //! documents it; and the linking of object and runtime into a shared library and an executable
 //! with the system C compiler.
 //!
-//! The object exports `<name>_create`, `<name>_run`, `<name>_last_error` and `<name>_destroy`,
+//! The object exports `<name>_create`, `<name>_run`, `<name>_last_error`, `<name>_set_threads`
+//! and `<name>_destroy`,
 //! each forwarding to the runtime's C ABI with the model's image, and `<name>_image`, which the
 //! executable's `main` (a second, tiny object) passes to the runtime's `kiln_exe_main`. Compiling
 //! the same graph twice gives the same bytes.
@@ -167,6 +168,14 @@ pub fn compile(
         "kiln_model_last_error",
         &[i64t],
         Some(i64t),
+        None,
+    )?;
+    define_forwarder(
+        &mut module,
+        &format!("{name}_set_threads"),
+        "kiln_model_set_threads",
+        &[i64t, types::I32],
+        returns_status,
         None,
     )?;
     define_forwarder(
@@ -509,6 +518,14 @@ fn header(
         "/* The message of the instance's last error (\"\" if none), valid until its next call. */"
     );
     let _ = writeln!(h, "const char *{name}_last_error(const {name}_ctx *ctx);\n");
+    let _ = writeln!(
+        h,
+        "/* Sets the threads the instance runs on (at least 1); it starts with one per core. */"
+    );
+    let _ = writeln!(
+        h,
+        "int32_t {name}_set_threads({name}_ctx *ctx, int32_t threads);\n"
+    );
     let _ = writeln!(h, "/* Frees an instance; NULL is ignored. */");
     let _ = writeln!(h, "void {name}_destroy({name}_ctx *ctx);\n");
     let _ = writeln!(
@@ -552,7 +569,7 @@ pub fn link(artifacts: &Artifacts, dir: &Path) -> Result<Linked, CodegenError> {
     std::fs::write(&main, &artifacts.main_object).map_err(|e| io(&main, e))?;
     let exports = scratch.path().join(format!("{name}.map"));
     let version_script = format!(
-        "{{\n  global:\n    {name}_create;\n    {name}_run;\n    {name}_last_error;\n    {name}_destroy;\n  local: *;\n}};\n"
+        "{{\n  global:\n    {name}_create;\n    {name}_run;\n    {name}_last_error;\n    {name}_set_threads;\n    {name}_destroy;\n  local: *;\n}};\n"
     );
     std::fs::write(&exports, version_script).map_err(|e| io(&exports, e))?;
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());

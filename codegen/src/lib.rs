@@ -203,6 +203,11 @@ pub fn compile_jit(graph: &Graph) -> Result<JitModel, CodegenError> {
 }
 
 impl JitModel {
+    /// Runs the model's parallel loops (matrix products, softmax, erf) on `threads` threads.
+    pub fn set_threads(&mut self, threads: usize) -> Result<(), CodegenError> {
+        Ok(self.model.set_threads(threads)?)
+    }
+
     /// Bytes of intermediate buffers, planned for the symbols' maxima.
     pub fn arena_bytes(&self) -> usize {
         self.model.spec().arena_bytes

@@ -149,7 +149,10 @@ pub unsafe extern "C" fn kiln_model_create(
         model: None,
         last_error: CString::default(),
     });
-    let status = match result {
+    let status = match result.and_then(|mut model| {
+        model.set_threads(default_threads())?;
+        Ok(model)
+    }) {
         Ok(model) => {
             context.model = Some(model);
             0
@@ -332,6 +335,43 @@ pub unsafe extern "C" fn kiln_model_run(
         unsafe { run(context, inputs, num_inputs, outputs, num_outputs) }
     }))
     .unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "the runtime panicked")));
+    match result {
+        Ok(()) => 0,
+        Err(error) => context.fail(error),
+    }
+}
+
+/// Every core the process may use.
+pub(crate) fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Sets the threads an instance runs on (1: the calling thread only); it starts with one per
+/// core.
+///
+/// # Safety
+/// `context` from [`kiln_model_create`], or null.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_set_threads(context: *mut Context, threads: i32) -> i32 {
+    if context.is_null() {
+        return ErrorCode::NullPointer as i32;
+    }
+    // SAFETY: a context from `kiln_model_create`, used by one thread at a time.
+    let context = unsafe { &mut *context };
+    let result = match (usize::try_from(threads), context.model.as_mut()) {
+        (Ok(threads @ 1..), Some(model)) => model.set_threads(threads),
+        (_, None) => Err(Error::new(
+            ErrorCode::Weights,
+            format!(
+                "the model was not created: {}",
+                context.last_error.to_string_lossy()
+            ),
+        )),
+        _ => Err(Error::new(
+            ErrorCode::Input,
+            format!("{threads} threads: at least 1 is needed"),
+        )),
+    };
     match result {
         Ok(()) => 0,
         Err(error) => context.fail(error),

@@ -1,6 +1,6 @@
 //! The `main` of a compiled executable: `NAME --inputs IN.safetensors --output OUT.safetensors`,
-//! the same contract as `kiln run`, plus `--weights FILE`, and `--bench ITERS [--warmup N]`, which
-//! times the model in-process after warm-up runs.
+//! the same contract as `kiln run`, plus `--weights FILE`, `--threads N` (default: every core), and
+//! `--bench ITERS [--warmup N]`, which times the model in-process after warm-up runs.
 
 use crate::capi::ModelImage;
 use crate::model::{Input, Model};
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: {exe} --inputs IN.safetensors --output OUT.safetensors [--weights FILE] [--bench ITERS [--warmup N]]";
+    "usage: {exe} --inputs IN.safetensors --output OUT.safetensors [--weights FILE] [--threads N] [--bench ITERS [--warmup N]]";
 
 struct Args {
     inputs: PathBuf,
@@ -20,6 +20,7 @@ struct Args {
     weights: Option<PathBuf>,
     bench: Option<usize>,
     warmup: Option<usize>,
+    threads: Option<usize>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -27,7 +28,9 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut rest = args.iter().skip(1);
     while let Some(flag) = rest.next() {
         let key = match flag.as_str() {
-            "--inputs" | "--output" | "--weights" | "--bench" | "--warmup" => flag.as_str(),
+            "--inputs" | "--output" | "--weights" | "--bench" | "--warmup" | "--threads" => {
+                flag.as_str()
+            }
             other => return Err(format!("unknown argument `{other}`")),
         };
         let value = rest.next().ok_or_else(|| format!("{key} needs a value"))?;
@@ -49,6 +52,15 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 .map_err(|_| format!("--warmup {v}: expected a number of runs"))
         })
         .transpose()?;
+    let threads = values
+        .get("--threads")
+        .map(|v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("--threads {v}: expected a positive number"))
+        })
+        .transpose()?;
     let inputs = PathBuf::from(values.get("--inputs").ok_or("--inputs is required")?);
     let output = values.get("--output").map(PathBuf::from);
     if output.is_none() && bench.is_none() {
@@ -60,6 +72,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         weights: values.get("--weights").map(PathBuf::from),
         bench,
         warmup,
+        threads,
     })
 }
 
@@ -193,6 +206,8 @@ fn execute(image: *const ModelImage, args: &[String]) -> Result<(), String> {
     // SAFETY: as above.
     let mut model =
         unsafe { crate::capi::load_model(image, weights.as_deref()) }.map_err(|e| e.message)?;
+    let threads = args.threads.unwrap_or_else(crate::capi::default_threads);
+    model.set_threads(threads).map_err(|e| e.message)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let inputs = read_inputs(&args.inputs, &model)?;
     let views: Vec<Input<'_>> = inputs.iter().map(OwnedInput::view).collect();
@@ -209,7 +224,8 @@ fn execute(image: *const ModelImage, args: &[String]) -> Result<(), String> {
         let (median, p10, p90) = median_p10_p90(times);
         println!("load: {load_ms:.1} ms");
         println!(
-            "run: median {median:.3} ms, p10 {p10:.3} ms, p90 {p90:.3} ms ({iters} runs after {warmup} warm-up, 1 thread)"
+            "run: median {median:.3} ms, p10 {p10:.3} ms, p90 {p90:.3} ms ({iters} runs after {warmup} warm-up, {threads} thread{})",
+            if threads == 1 { "" } else { "s" }
         );
     }
     let spec_outputs: Vec<(String, DType)> = model

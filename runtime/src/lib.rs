@@ -11,6 +11,7 @@ pub mod capi;
 mod exe;
 pub mod math;
 mod model;
+pub mod pool;
 mod sgemm;
 pub mod spec;
 pub mod vector;

@@ -164,6 +164,8 @@ pub struct Model {
     symbols: Vec<i64>,
     /// Every dim of the spec at the current bindings.
     dim_values: Vec<i64>,
+    /// The worker threads of parallel loops (none: one thread).
+    pool: Option<crate::pool::Pool>,
     /// Keeps memory-mapped weights alive.
     pub(crate) _weights: Option<memmap2::Mmap>,
 }
@@ -277,8 +279,30 @@ impl Model {
             kernels,
             arena,
             table,
+            pool: None,
             _weights: None,
         })
+    }
+
+    /// Runs the model's parallel loops on `threads` threads (the caller's and `threads - 1`
+    /// workers started now); 1 runs everything on the caller's thread.
+    pub fn set_threads(&mut self, threads: usize) -> Result<(), Error> {
+        self.pool = None;
+        if threads > 1 {
+            let pool = crate::pool::Pool::new(threads).map_err(|e| {
+                Error::new(
+                    ErrorCode::Memory,
+                    format!("cannot start {threads} threads: {e}"),
+                )
+            })?;
+            self.pool = Some(pool);
+        }
+        Ok(())
+    }
+
+    /// Threads the model runs on.
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, crate::pool::Pool::threads)
     }
 
     /// The model's description.
@@ -300,6 +324,7 @@ impl Model {
                 self.table[slot] = pointer;
             }
         }
+        let _team = self.pool.as_ref().map(crate::pool::Pool::install);
         for (index, kernel) in self.kernels.iter().enumerate() {
             // SAFETY: `bind` checked the inputs' sizes, every dim and every buffer's size at these
             // symbol values; the kernels' contract (`Model::new`) does the rest.

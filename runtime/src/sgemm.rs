@@ -57,10 +57,20 @@ pub unsafe extern "C" fn kiln_sgemm(
     ldc: i64,
 ) {
     let [m, n, k, lda, ldb, ldc] = [m, n, k, lda, ldb, ldc].map(size);
-    let kernel = panel_kernel();
-    for j in (0..n).step_by(PANEL) {
-        // SAFETY: columns j.. of B and C are inside the matrices (caller's contract).
-        unsafe { kernel(m, PANEL.min(n - j), k, a, lda, b.add(j), ldb, c.add(j), ldc) };
+    let b = b as usize;
+    // SAFETY: forwarded from the caller's contract; column j of B is inside B.
+    unsafe {
+        product(
+            m,
+            n,
+            k,
+            a,
+            lda,
+            c,
+            ldc,
+            &|_, j| (b as *const f32).wrapping_add(j),
+            ldb,
+        )
     }
 }
 
@@ -81,25 +91,94 @@ pub unsafe extern "C" fn kiln_sgemm_packed(
     ldc: i64,
 ) {
     let [m, n, k, lda, ldc] = [m, n, k, lda, ldc].map(size);
-    let kernel = panel_kernel();
-    for (panel, j) in (0..n).step_by(PANEL).enumerate() {
-        // SAFETY: panel `panel` holds k rows of PANEL floats (the packing's layout); columns j..
-        // of C are inside C.
-        unsafe {
-            kernel(
-                m,
-                PANEL.min(n - j),
-                k,
-                a,
-                lda,
-                b_packed.add(panel * k * PANEL),
-                PANEL,
-                c.add(j),
-                ldc,
-            )
-        };
+    let b = b_packed as usize;
+    // SAFETY: forwarded from the caller's contract; panel q holds k rows of PANEL floats (the
+    // packing's layout).
+    unsafe {
+        product(
+            m,
+            n,
+            k,
+            a,
+            lda,
+            c,
+            ldc,
+            &|q, _| (b as *const f32).wrapping_add(q * k * PANEL),
+            PANEL,
+        )
     }
 }
+
+/// Computes every panel of `C`, on the run's thread team when there is one: whole panels per
+/// thread when there are enough of them, otherwise blocks of rows. `panel(q, j)` is the start
+/// of panel `q` (first column `j`) of `B`, whose rows are `ldb` apart.
+///
+/// # Safety
+/// As [`kiln_sgemm`], with `panel` giving pointers inside `B`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    c: *mut f32,
+    ldc: usize,
+    panel: &(dyn Fn(usize, usize) -> *const f32 + Sync),
+    ldb: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kernel = panel_kernel();
+    let panels = n.div_ceil(PANEL);
+    let threads = crate::pool::current_threads();
+    let (a, c) = (a as usize, c as usize);
+    // Rows i.. of panels q.. of C.
+    let compute = |rows: std::ops::Range<usize>, quads: std::ops::Range<usize>| {
+        for q in quads {
+            let j = q * PANEL;
+            let (a, c) = (
+                (a as *const f32).wrapping_add(rows.start * lda),
+                (c as *mut f32).wrapping_add(rows.start * ldc + j),
+            );
+            // SAFETY: rows `rows` of A and C and panel q are inside the matrices.
+            unsafe {
+                kernel(
+                    rows.len(),
+                    PANEL.min(n - j),
+                    k,
+                    a,
+                    lda,
+                    panel(q, j),
+                    ldb,
+                    c,
+                    ldc,
+                )
+            };
+        }
+    };
+    if threads < 2 || m * n * k < PARALLEL_WORK {
+        compute(0..m, 0..panels);
+    } else if panels >= threads {
+        crate::pool::parallel_for(threads, &|t| {
+            compute(0..m, t * panels / threads..(t + 1) * panels / threads)
+        });
+    } else {
+        // Few panels (a narrow product): split the rows, in multiples of a tile's height.
+        let blocks = m.div_ceil(ROW_BLOCK);
+        crate::pool::parallel_for(threads, &|t| {
+            let (first, last) = (t * blocks / threads, (t + 1) * blocks / threads);
+            compute(first * ROW_BLOCK..(last * ROW_BLOCK).min(m), 0..panels);
+        });
+    }
+}
+
+/// Products smaller than this many multiply-adds run on one thread: waking the team costs more.
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// Rows split between threads come in multiples of this (a multiple of every path's tile height).
+const ROW_BLOCK: usize = 12;
 
 /// The number of floats [`pack_b`] writes for a `k × n` matrix.
 pub fn packed_len(k: usize, n: usize) -> usize {

@@ -133,19 +133,41 @@ pub unsafe extern "C" fn kiln_softmax_rows(rows: i64, len: i64, x: *const f32, y
     if rows == 0 || len == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F; the buffers as the caller promised.
-        return unsafe { x86::softmax_rows(rows, len, x, y) };
+    let (x, y) = (x as usize, y as usize);
+    split(rows, rows * len, &|range| {
+        let (x, y) = (
+            (x as *const f32).wrapping_add(range.start * len),
+            (y as *mut f32).wrapping_add(range.start * len),
+        );
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F; these rows of the buffers as the caller promised.
+            return unsafe { x86::softmax_rows(range.len(), len, x, y) };
+        }
+        for r in 0..range.len() {
+            // SAFETY: row r of each buffer holds `len` f32 (caller's contract); a copy of the
+            // row keeps in-place use correct.
+            let row: Vec<f32> = unsafe { std::slice::from_raw_parts(x.add(r * len), len) }.to_vec();
+            // SAFETY: as above.
+            let out = unsafe { std::slice::from_raw_parts_mut(y.add(r * len), len) };
+            softmax_row(&row, out);
+        }
+    });
+}
+
+/// Elementwise work below this many elements runs on one thread.
+const PARALLEL_ELEMENTS: usize = 1 << 14;
+
+/// Runs `body` over `0..items` split into one contiguous range per thread of the run's team
+/// (`elements` is the work, for deciding whether to split at all).
+fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let threads = crate::pool::current_threads().min(items);
+    if threads < 2 || elements < PARALLEL_ELEMENTS {
+        return body(0..items);
     }
-    for r in 0..rows {
-        // SAFETY: row r of each buffer holds `len` f32 (caller's contract); reading a row before
-        // writing it keeps in-place use correct.
-        let row: Vec<f32> = unsafe { std::slice::from_raw_parts(x.add(r * len), len) }.to_vec();
-        // SAFETY: as above.
-        let out = unsafe { std::slice::from_raw_parts_mut(y.add(r * len), len) };
-        softmax_row(&row, out);
-    }
+    crate::pool::parallel_for(threads, &|t| {
+        body(t * items / threads..(t + 1) * items / threads)
+    });
 }
 
 /// `y[i] = erf(x[i])` for `i < n`.
@@ -155,15 +177,22 @@ pub unsafe extern "C" fn kiln_softmax_rows(rows: i64, len: i64, x: *const f32, y
 #[no_mangle]
 pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
     let n = usize::try_from(n).unwrap_or(0);
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F; the buffers as the caller promised.
-        return unsafe { x86::erf(n, x, y) };
-    }
-    for i in 0..n {
-        // SAFETY: element i of both buffers exists (caller's contract).
-        unsafe { *y.add(i) = erf(*x.add(i)) };
-    }
+    let (x, y) = (x as usize, y as usize);
+    split(n, n, &|range| {
+        let (x, y) = (
+            (x as *const f32).wrapping_add(range.start),
+            (y as *mut f32).wrapping_add(range.start),
+        );
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
+            return unsafe { x86::erf(range.len(), x, y) };
+        }
+        for i in 0..range.len() {
+            // SAFETY: element i of both buffers exists (caller's contract).
+            unsafe { *y.add(i) = erf(*x.add(i)) };
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]

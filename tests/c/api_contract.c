@@ -105,6 +105,15 @@ int main(int argc, char **argv) {
     report("no outputs", attention_block_run(ctx, inputs, 2, outputs, 0), ctx);
 
     report("run again", attention_block_run(ctx, inputs, 2, outputs, 1), ctx);
+
+    report("zero threads", attention_block_set_threads(ctx, 0), ctx);
+    static float single[BATCH * SEQ * HIDDEN];
+    report("one thread", attention_block_set_threads(ctx, 1), ctx);
+    report("run on one thread", attention_block_run(ctx, inputs, 2, outputs, 1), ctx);
+    memcpy(single, out, sizeof out);
+    report("three threads", attention_block_set_threads(ctx, 3), ctx);
+    report("run on three threads", attention_block_run(ctx, inputs, 2, outputs, 1), ctx);
+    printf("threads agree: %d\n", memcmp(single, out, sizeof out) == 0);
     attention_block_destroy(ctx);
 
     attention_block_ctx *missing = NULL;
