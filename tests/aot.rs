@@ -4,21 +4,12 @@
 
 use kiln_ir::{Data, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn example(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/attention_block")
-        .join(file)
-}
+mod support;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("kiln runs")
-}
+use support::{example, kiln};
 
 fn succeed(output: Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -268,8 +259,16 @@ fn c_api_runs_the_model_and_refuses_every_bad_call() {
     expect("null context", 1, "null");
     expect("one input", 2, "1 inputs given, the model takes 2");
     expect("null inputs", 1, "inputs is null");
-    expect("wrong dtype", 2, "input `x`: dtype i64, expected f32");
-    expect("wrong rank", 2, "input `x`: rank 2, expected 3");
+    expect(
+        "wrong dtype",
+        2,
+        "input `x` is i64[2, 5, 16], expected f32[batch, seq, 16]: dtype differs",
+    );
+    expect(
+        "wrong rank",
+        2,
+        "input `x` is f32[2, 5], expected f32[batch, seq, 16]: rank differs",
+    );
     expect("batch above its maximum", 2, "batch = 5 is outside 1..=4");
     expect("inconsistent batch", 2, "batch is already bound to 2");
     expect("fixed dim differs", 2, "axis 2 is 8, expected 16");

@@ -1,21 +1,11 @@
 //! The `kiln` command line, end to end: the README's example, and clear errors for bad input.
 
 use kiln_ir::Data;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn example(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/attention_block")
-        .join(file)
-}
+mod support;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("kiln runs")
-}
+use support::{example, kiln};
 
 fn f32s(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let tensors = kiln_ir::load_tensors(path).unwrap();
@@ -28,7 +18,7 @@ fn f32s(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 #[test]
 fn run_matches_the_independent_numpy_reference() {
-    for backend in ["interp", "jit"] {
+    for backend in ["interp", "jit", "aot"] {
         run_example_with(backend);
     }
 }
@@ -168,10 +158,12 @@ fn inputs_beyond_a_symbol_maximum_are_refused() {
     let mask = kiln_ir::Tensor::i64(&[1, 65], vec![1; 65]).unwrap();
     kiln_ir::save_tensors(&inputs, &[("x".into(), x), ("attention_mask".into(), mask)]).unwrap();
     let out = dir.path().join("out.safetensors");
-    expect_error(
-        &["run", example("attention_block.kir").to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--output", out.to_str().unwrap()],
-        "input `x` is f32[1, 65, 16], expected f32[batch, seq, 16]: axis 1: seq = 65 is outside 1..=64",
-    );
+    for backend in ["interp", "jit", "aot"] {
+        expect_error(
+            &["run", example("attention_block.kir").to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--output", out.to_str().unwrap(), "--backend", backend],
+            "input `x` is f32[1, 65, 16], expected f32[batch, seq, 16]: axis 1: seq = 65 is outside 1..=64",
+        );
+    }
 }
 
 #[test]
@@ -251,13 +243,22 @@ fn bench_reports_costs_and_latency_quantiles() {
         stdout.contains("run: median ") && stdout.contains(" p10 ") && stdout.contains(" p90 "),
         "{stdout}"
     );
+    let two = kiln(&[
+        "bench",
+        example("attention_block.kir").to_str().unwrap(),
+        "--iters",
+        "2",
+        "--threads",
+        "2",
+    ]);
+    assert!(String::from_utf8_lossy(&two.stdout).contains("2 threads)"));
     expect_error(
         &[
             "bench",
             example("attention_block.kir").to_str().unwrap(),
             "--threads",
-            "2",
+            "0",
         ],
-        "--threads 2: kiln runs models on one thread so far",
+        "--threads must be at least 1",
     );
 }

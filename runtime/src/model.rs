@@ -377,19 +377,27 @@ impl Model {
         }
         self.bindings.fill(None);
         for (tensor, input) in spec.inputs.iter().zip(inputs) {
-            let fail = |what: String| input_error(format!("input `{}`: {what}", tensor.name));
+            let fail = |what: String| {
+                let given: Vec<String> = input.dims.iter().map(i64::to_string).collect();
+                let expected: Vec<String> = tensor
+                    .dims
+                    .iter()
+                    .map(|&d| spec.dims[d].display(&spec.symbols).to_string())
+                    .collect();
+                input_error(format!(
+                    "input `{}` is {}[{}], expected {}[{}]: {what}",
+                    tensor.name,
+                    input.dtype,
+                    given.join(", "),
+                    tensor.dtype,
+                    expected.join(", ")
+                ))
+            };
             if input.dtype != tensor.dtype {
-                return Err(fail(format!(
-                    "dtype {}, expected {}",
-                    input.dtype, tensor.dtype
-                )));
+                return Err(fail("dtype differs".into()));
             }
             if input.dims.len() != tensor.dims.len() {
-                return Err(fail(format!(
-                    "rank {}, expected {}",
-                    input.dims.len(),
-                    tensor.dims.len()
-                )));
+                return Err(fail("rank differs".into()));
             }
             for (axis, (&dim, &actual)) in tensor.dims.iter().zip(input.dims).enumerate() {
                 if let crate::spec::DimExpr::Sym(symbol) = spec.dims[dim] {
