@@ -98,9 +98,15 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - tail).copysign(x)
 }
 
-/// Softmax of one row into `out` (same length).
-fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+/// Softmax of one row of `len` f32 from `x` into `y`, which may be the same row: each element
+/// is read before it is written.
+///
+/// # Safety
+/// `x` and `y` must hold `len` f32.
+unsafe fn softmax_row(x: *const f32, y: *mut f32, len: usize) {
+    // SAFETY: element i of each row exists (caller's contract).
+    let read = |i: usize| unsafe { *x.add(i) };
+    let max = (0..len).map(read).fold(f32::NEG_INFINITY, |m, v| {
         if m.is_nan() || v.is_nan() {
             f32::NAN
         } else {
@@ -108,13 +114,16 @@ fn softmax_row(x: &[f32], out: &mut [f32]) {
         }
     });
     let mut sum = 0f64;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = exp(v - max);
-        sum += f64::from(*o);
+    for i in 0..len {
+        let e = exp(read(i) - max);
+        // SAFETY: as above.
+        unsafe { *y.add(i) = e };
+        sum += f64::from(e);
     }
     let inverse = (1.0 / sum) as f32;
-    for o in out.iter_mut() {
-        *o *= inverse;
+    for i in 0..len {
+        // SAFETY: as above.
+        unsafe { *y.add(i) *= inverse };
     }
 }
 
@@ -145,12 +154,8 @@ pub unsafe extern "C" fn kiln_softmax_rows(rows: i64, len: i64, x: *const f32, y
             return unsafe { x86::softmax_rows(range.len(), len, x, y) };
         }
         for r in 0..range.len() {
-            // SAFETY: row r of each buffer holds `len` f32 (caller's contract); a copy of the
-            // row keeps in-place use correct.
-            let row: Vec<f32> = unsafe { std::slice::from_raw_parts(x.add(r * len), len) }.to_vec();
-            // SAFETY: as above.
-            let out = unsafe { std::slice::from_raw_parts_mut(y.add(r * len), len) };
-            softmax_row(&row, out);
+            // SAFETY: row r of each buffer holds `len` f32 (caller's contract).
+            unsafe { softmax_row(x.add(r * len), y.add(r * len), len) };
         }
     });
 }
@@ -389,7 +394,8 @@ mod tests {
             // SAFETY: both buffers hold one row of len f32.
             unsafe { kiln_softmax_rows(1, len as i64, row.as_ptr(), got.as_mut_ptr()) };
             let mut want = vec![0f32; len];
-            softmax_row(&row, &mut want);
+            // SAFETY: both rows hold len f32.
+            unsafe { softmax_row(row.as_ptr(), want.as_mut_ptr(), len) };
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 1e-6 * w.abs().max(1e-30),
