@@ -180,6 +180,8 @@ pub(crate) fn describe<'g>(
                 kernels.push(KernelSpec {
                     node: node.name.clone(),
                     op: node.op.name().to_string(),
+                    parallel: crate::kernel::splits(graph, id),
+                    dims: dims.shape(&node.ty.shape.0),
                 });
                 kernel_nodes.push(id);
                 Slot::Arena(plan.offset(id))

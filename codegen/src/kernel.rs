@@ -108,8 +108,9 @@ pub(crate) fn build(
     id: NodeId,
 ) -> Result<FuncId, String> {
     let mut sig = module.make_signature();
-    sig.params.push(AbiParam::new(types::I64));
-    sig.params.push(AbiParam::new(types::I64));
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(types::I64));
+    }
     sig.returns.push(AbiParam::new(types::I32));
     let func_id = module
         .declare_function(&format!("kernel_{}", plan.index(id)), Linkage::Local, &sig)
@@ -122,7 +123,9 @@ pub(crate) fn build(
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
-        let (buffers, symbols) = (b.block_params(entry)[0], b.block_params(entry)[1]);
+        let params = b.block_params(entry).to_vec();
+        let (buffers, symbols) = (params[0], params[1]);
+        let split = splits(graph, id).then_some((params[2], params[3]));
         let fail = b.create_block();
         b.append_block_param(fail, types::I32);
         let mut k = Kernel {
@@ -138,6 +141,7 @@ pub(crate) fn build(
                 .map(|(i, s)| (s.name.clone(), i))
                 .collect(),
             fail,
+            split,
         };
         k.node(graph, plan, id)?;
         let zero = k.b.ins().iconst(types::I32, 0);
@@ -190,6 +194,30 @@ struct Kernel<'a> {
     symbols: Value,
     symbol_index: HashMap<String, usize>,
     fail: Block,
+    /// `(task, tasks)` while the kernel is to do only its share of the work: the first loop nest
+    /// takes it and runs part `task` of `tasks` of its outermost loop.
+    split: Option<(Value, Value)>,
+}
+
+/// Whether the kernel of `id` can run as parallel tasks: its first loop nest covers all of its
+/// work, each iteration of that nest's outer loop writing its own outputs (see
+/// [`Kernel::nest`]). Matrix products qualify only with a batch axis that is not 1 (heads):
+/// otherwise the runtime's product is parallel inside.
+pub(crate) fn splits(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    let rank = node.ty.rank();
+    match &node.op {
+        Op::Unary(UnaryOp::Erf) if node.ty.dtype == DType::F32 => false,
+        Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } | Op::Expand { .. } => rank >= 2,
+        Op::Transpose { .. } => rank >= 2,
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } => rank >= 2,
+        Op::Softmax { axis } => rank >= 2 && resolve_axis(*axis, rank).is_ok_and(|a| a + 1 != rank),
+        Op::MatMul | Op::Gemm(_) => {
+            let batch = rank.saturating_sub(2);
+            node.ty.shape.0[..batch].iter().any(|d| *d != Dim::Const(1))
+        }
+        _ => false,
+    }
 }
 
 /// Whether an elementwise op has a four-lane form: f32 in and out, and an op computed as code
@@ -396,12 +424,31 @@ impl<'b> Kernel<'b> {
         bases: Vec<Value>,
         body: &mut NestBody<'_, 'b>,
     ) -> Result<(), String> {
+        // Axes of extent 1 loop once at offset zero: no loop at all.
+        let skip = dims.iter().take_while(|&&d| self.is_one(d)).count();
+        let (dims, strides): (&[Value], Vec<Vec<Value>>) = (
+            &dims[skip..],
+            strides.iter().map(|s| s[skip..].to_vec()).collect(),
+        );
+        let split = self.split.take();
         let Some((&n, rest)) = dims.split_first() else {
-            return body(self, &bases);
+            return match split {
+                // No loop to share: the first task does the work.
+                Some((task, _)) => {
+                    let (work, done) = (self.b.create_block(), self.b.create_block());
+                    self.b.ins().brif(task, done, &[], work, &[]);
+                    self.b.switch_to_block(work);
+                    body(self, &bases)?;
+                    self.b.ins().jump(done, &[]);
+                    self.b.switch_to_block(done);
+                    Ok(())
+                }
+                None => body(self, &bases),
+            };
         };
         let heads: Vec<Value> = strides.iter().map(|s| s[0]).collect();
         let tails: Vec<Vec<Value>> = strides.iter().map(|s| s[1..].to_vec()).collect();
-        self.for_range(n, &mut |k, i| {
+        let mut inner = |k: &mut Self, i: Value| {
             let offsets: Vec<Value> = bases
                 .iter()
                 .zip(&heads)
@@ -411,7 +458,34 @@ impl<'b> Kernel<'b> {
                 })
                 .collect();
             k.nest(rest, &tails, offsets, body)
-        })
+        };
+        match split {
+            Some((task, tasks)) => {
+                // This task's share of the outer loop: [n task / tasks, n (task + 1) / tasks).
+                let start = self.b.ins().imul(n, task);
+                let start = self.b.ins().sdiv(start, tasks);
+                let next = self.b.ins().iadd_imm_s(task, 1);
+                let end = self.b.ins().imul(n, next);
+                let end = self.b.ins().sdiv(end, tasks);
+                self.for_steps(start, end, 1, &mut inner)
+            }
+            None => self.for_range(n, &mut inner),
+        }
+    }
+
+    /// Whether `v` is the constant 1.
+    fn is_one(&self, v: Value) -> bool {
+        let dfg = &self.b.func.dfg;
+        match dfg.value_def(v) {
+            cranelift_codegen::ir::ValueDef::Result(inst, _) => matches!(
+                dfg.insts[inst],
+                cranelift_codegen::ir::InstructionData::UnaryImm {
+                    opcode: cranelift_codegen::ir::Opcode::Iconst,
+                    imm,
+                } if imm.bits() == 1
+            ),
+            _ => false,
+        }
     }
 
     fn call(&mut self, symbol: &str, args: &[Value]) -> Result<Value, String> {

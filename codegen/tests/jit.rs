@@ -570,3 +570,25 @@ fn vector_rows_match_the_interpreter() {
 fn reshapes_share_their_source_buffers() {
     check_text_graph("graph \"g\" {\n  sym seq <= 8\n  input %x : f32[seq, 4]\n  %flat = reshape(%x) {shape = [seq*4]}\n  %again = reshape(%flat) {shape = [2, seq*2]}\n  %doubled = add(%again, %again)\n  %w = const \"w\" [1.0, 2.0, 3.0, 4.0] : f32[4]\n  %wide = reshape(%w) {shape = [2, 2]}\n  output \"flat\" = %flat\n  output \"doubled\" = %doubled\n  output \"wide\" = %wide\n}");
 }
+
+/// Kernels large enough to run as parallel tasks (transposes, elementwise ops with and without
+/// lanes, normalization, softmax over a middle axis, batched products over heads) give the same
+/// bits on one thread and on three, and match the interpreter.
+#[test]
+fn parallel_tasks_match_one_thread_and_the_interpreter() {
+    let graph = kiln_ir::text::parse(
+        "graph \"g\" {\n  sym seq <= 128\n  input %x : f32[3, seq, 128]\n  input %y : f32[3, seq, 128]\n  %t = transpose(%x) {perm = [1, 0, 2]}\n  %u = transpose(%x) {perm = [2, 1, 0]}\n  %s = add(%x, %y)\n  %m = mul(%x, %y)\n  %c = equal(%x, %y)\n  %w = where(%c, %x, %y)\n  %g = const \"g\" [0.5] : f32[1]\n  %n = layer_norm(%s, %g) {axis = -1, eps = 1e-5}\n  %p = softmax(%x) {axis = 1}\n  %u2 = transpose(%y) {perm = [0, 2, 1]}\n  %q = matmul(%x, %u2)\n  output \"t\" = %t\n  output \"u\" = %u\n  output \"m\" = %m\n  output \"w\" = %w\n  output \"n\" = %n\n  output \"p\" = %p\n  output \"q\" = %q\n}",
+    )
+    .unwrap();
+    // 3 x 128 x 128 outputs: above the runtime's threshold for splitting a kernel.
+    let inputs = random_inputs(&graph, 128);
+    let expected = interp::run(&graph, &inputs).unwrap();
+    let mut jit = compile_jit(&graph).unwrap();
+    let single = jit.run(&inputs).unwrap();
+    jit.set_threads(3).unwrap();
+    let parallel = jit.run(&inputs).unwrap();
+    for (((name, one), (_, three)), (_, want)) in single.iter().zip(&parallel).zip(&expected) {
+        assert_eq!(one, three, "{name}: one thread and three differ");
+        assert_close(three, want, name);
+    }
+}

@@ -5,8 +5,13 @@
 use crate::spec::{DType, DimError, ModelSpec, Slot};
 use std::fmt;
 
-/// A compiled kernel: `(buffer table, symbol values) -> status`, 0 on success.
-pub type Kernel = unsafe extern "C" fn(*const *mut u8, *const i64) -> i32;
+/// A compiled kernel: `(buffer table, symbol values, task, tasks) -> status`, 0 on success. A
+/// kernel described as parallel does part `task` of `tasks` of its work; the others take
+/// `(0, 1)`.
+pub type Kernel = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64) -> i32;
+
+/// Kernels with fewer output elements than this run as one task: waking the team costs more.
+const PARALLEL_ELEMENTS: i64 = 1 << 14;
 
 /// The classes of errors, with the codes the C API returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,10 +330,39 @@ impl Model {
             }
         }
         let _team = self.pool.as_ref().map(crate::pool::Pool::install);
-        for (index, kernel) in self.kernels.iter().enumerate() {
+        let threads = self.pool.as_ref().map_or(1, crate::pool::Pool::threads);
+        for (index, &kernel) in self.kernels.iter().enumerate() {
+            let spec = &self.spec.kernels[index];
+            let elements: i64 = spec.dims.iter().map(|&d| self.dim_values[d]).product();
+            let (table, symbols) = (self.table.as_ptr() as usize, self.symbols.as_ptr() as usize);
             // SAFETY: `bind` checked the inputs' sizes, every dim and every buffer's size at these
-            // symbol values; the kernels' contract (`Model::new`) does the rest.
-            let status = unsafe { kernel(self.table.as_ptr(), self.symbols.as_ptr()) };
+            // symbol values; the kernels' contract (`Model::new`) does the rest. Parallel tasks
+            // write disjoint parts of the kernel's output.
+            let call = |task: usize, tasks: usize| unsafe {
+                kernel(
+                    table as *const *mut u8,
+                    symbols as *const i64,
+                    task as i64,
+                    tasks as i64,
+                )
+            };
+            let status = if spec.parallel && threads > 1 && elements >= PARALLEL_ELEMENTS {
+                let failed = std::sync::atomic::AtomicI32::new(0);
+                crate::pool::parallel_for(threads, &|task| {
+                    let status = call(task, threads);
+                    if status != 0 {
+                        let _ = failed.compare_exchange(
+                            0,
+                            status,
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                        );
+                    }
+                });
+                failed.into_inner()
+            } else {
+                call(0, 1)
+            };
             if status != 0 {
                 let spec = &self.spec.kernels[index];
                 return Err(Error::new(

@@ -101,6 +101,8 @@ impl Pool {
         // The job outlives every worker's use of it: the caller waits below until all tasks are
         // done and no worker holds the pointer.
         let pointer = (&job as *const Job<'_>).cast_mut().cast::<Job<'static>>();
+        // Loops nested in this job's tasks run inline, on whichever thread runs the task.
+        let installed = CURRENT.with(|c| c.replace(std::ptr::null()));
         self.shared.job.store(pointer, SeqCst);
         self.shared.epoch.fetch_add(1, SeqCst);
         for worker in &self.workers {
@@ -114,6 +116,7 @@ impl Pool {
         while self.shared.active.load(SeqCst) != 0 {
             std::hint::spin_loop();
         }
+        CURRENT.with(|c| c.set(installed));
     }
 }
 

@@ -245,13 +245,17 @@ pub struct WeightSpec {
     pub bytes: usize,
 }
 
-/// A compiled node, for error messages.
+/// A compiled node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelSpec {
-    /// The node's name.
+    /// The node's name, for error messages.
     pub node: String,
-    /// Its op.
+    /// Its op, for error messages.
     pub op: String,
+    /// Whether the kernel can run as parallel tasks (each call does part `task` of `tasks`).
+    pub parallel: bool,
+    /// Its output's dims, as indexes into [`ModelSpec::dims`]: the size of its work.
+    pub dims: Vec<usize>,
 }
 
 /// Everything the runtime needs to check inputs and run the kernels of a model.
