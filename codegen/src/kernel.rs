@@ -207,7 +207,7 @@ pub(crate) fn splits(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
     let rank = node.ty.rank();
     match &node.op {
-        Op::Unary(UnaryOp::Erf) if node.ty.dtype == DType::F32 => false,
+        op if whole_tensor_routine(op, node.ty.dtype).is_some() => false,
         Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } | Op::Expand { .. } => rank >= 2,
         Op::Transpose { .. } => rank >= 2,
         Op::LayerNorm { .. } | Op::RmsNorm { .. } => rank >= 2,
@@ -217,6 +217,15 @@ pub(crate) fn splits(graph: &Graph, id: NodeId) -> bool {
             node.ty.shape.0[..batch].iter().any(|d| *d != Dim::Const(1))
         }
         _ => false,
+    }
+}
+
+/// The runtime function computing a unary op over a whole f32 tensor, if it has one.
+fn whole_tensor_routine(op: &Op, dtype: DType) -> Option<&'static str> {
+    match (op, dtype) {
+        (Op::Unary(UnaryOp::Erf), DType::F32) => Some("kiln_erf"),
+        (Op::Unary(UnaryOp::Gelu), DType::F32) => Some("kiln_gelu_erf"),
+        _ => None,
     }
 }
 
@@ -695,14 +704,14 @@ impl<'b> Kernel<'b> {
         let bases = vec![zero; strides.len()];
         let dtypes: Vec<DType> = operands.iter().map(|t| t.dtype).collect();
         let out_dtype = ty.dtype;
-        if let (Op::Unary(UnaryOp::Erf), DType::F32) = (op, out_dtype) {
-            // The runtime's erf: 16 lanes where the CPU has AVX-512, the same bits either way.
+        if let Some(routine) = whole_tensor_routine(op, out_dtype) {
+            // The runtime's kernel: 16 lanes where the CPU has AVX-512, the same bits either way.
             let count = out_dims
                 .iter()
                 .copied()
                 .reduce(|a, b| self.b.ins().imul(a, b))
                 .unwrap_or_else(|| self.iconst(1));
-            return self.call_void("kiln_erf", &[count, inputs[0], out]);
+            return self.call_void(routine, &[count, inputs[0], out]);
         }
         if ty.rank() > 0 && vectorizes(op, ty, operands) {
             return self.elementwise_lanes(op, ty, operands, out, inputs, &out_dims, &strides);

@@ -23,8 +23,9 @@ pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 15] {
+pub fn symbols() -> [(&'static str, *const u8); 16] {
     [
+        ("kiln_gelu_erf", vector::kiln_gelu_erf as *const u8),
         ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
         ("kiln_erf", vector::kiln_erf as *const u8),
         ("kiln_sgemm", kiln_sgemm as *const u8),

@@ -66,7 +66,8 @@ pub fn exp(x: f32) -> f32 {
     let r = x - n * EXP_LN2_HIGH;
     let r = r - n * EXP_LN2_LOW;
     let y = polynomial(&EXP_POLYNOMIAL, r) * (r * r) + r + 1.0;
-    let ni = (n + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+    // Outside the range the selects below keep, n is meaningless: wrap like the vector code.
+    let ni = ((n + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let first = ni >> 1;
     let second = ni.wrapping_sub(first);
     let factor = |e: i32| f32::from_bits((e.wrapping_add(127) << 23) as u32);
@@ -96,6 +97,32 @@ pub fn erf(x: f32) -> f32 {
     let p = polynomial(&ERFC_SCALED_LARGE, 1.0 / clamped);
     let tail = exp(-(clamped * clamped)) * p;
     (1.0 - tail).copysign(x)
+}
+
+/// `erfc(a) = e^(-a^2) p(1/a)` for `a >= 1`, without the cancellation of `1 - erf(a)`; the
+/// polynomial is taken at `min(a, 4)` (its fitted range) while the Gaussian decays on. `a^2`
+/// rounded would carry an error `a^2` times larger into the exponential, so `e^(-a^2)` is
+/// `e^(-s^2) e^((s - a)(s + a))` with `s` = `a` cut to 12 significant bits, whose square is exact.
+fn erfc_far(a: f32) -> f32 {
+    let s = f32::from_bits(a.to_bits() & SQUARE_EXACT_MASK);
+    let gaussian = exp(-(s * s)) * exp((s - a) * (s + a));
+    gaussian * polynomial(&ERFC_SCALED_LARGE, 1.0 / a.clamp(1.0, 4.0))
+}
+
+/// Keeps the sign, exponent and top 11 stored mantissa bits of an f32.
+const SQUARE_EXACT_MASK: u32 = 0xffff_f000;
+
+/// GELU with the error function, `x/2 (1 + erf(x/sqrt 2))`, scalar. Below `x/sqrt 2 = -1` the sum
+/// `1 + erf` is computed as `erfc(|x|/sqrt 2)` directly, which keeps the relative accuracy of the
+/// small negative outputs.
+pub fn gelu(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let one_plus_erf = if z <= -1.0 {
+        erfc_far(-z)
+    } else {
+        1.0 + erf(z)
+    };
+    0.5 * x * one_plus_erf
 }
 
 /// Softmax of one row of `len` f32 from `x` into `y`, which may be the same row: each element
@@ -200,6 +227,31 @@ pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
     });
 }
 
+/// `y[i] = gelu(x[i])` (the error-function form) for `i < n`.
+///
+/// # Safety
+/// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_gelu_erf(n: i64, x: *const f32, y: *mut f32) {
+    let n = usize::try_from(n).unwrap_or(0);
+    let (x, y) = (x as usize, y as usize);
+    split(n, n, &|range| {
+        let (x, y) = (
+            (x as *const f32).wrapping_add(range.start),
+            (y as *mut f32).wrapping_add(range.start),
+        );
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
+            return unsafe { x86::gelu(range.len(), x, y) };
+        }
+        for i in 0..range.len() {
+            // SAFETY: element i of both buffers exists (caller's contract).
+            unsafe { *y.add(i) = gelu(*x.add(i)) };
+        }
+    });
+}
+
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -288,6 +340,43 @@ mod x86 {
         ));
         let is_near = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, splat(1.0));
         _mm512_mask_mov_ps(far, is_near, near)
+    }
+
+    /// [`super::gelu`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn gelu16(x: __m512) -> __m512 {
+        let z = _mm512_mul_ps(x, splat(std::f32::consts::FRAC_1_SQRT_2));
+        let near = _mm512_add_ps(splat(1.0), erf16(z));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(z)));
+        let clamped = _mm512_min_ps(splat(4.0), _mm512_max_ps(splat(1.0), a));
+        let p = polynomial16(&ERFC_SCALED_LARGE, _mm512_div_ps(splat(1.0), clamped));
+        let s = _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(a),
+            _mm512_set1_epi32(SQUARE_EXACT_MASK as i32),
+        ));
+        let square = _mm512_mul_ps(s, s);
+        let negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(square), sign));
+        let correction = _mm512_mul_ps(_mm512_sub_ps(s, a), _mm512_add_ps(s, a));
+        let gaussian = _mm512_mul_ps(exp16(negated), exp16(correction));
+        let far = _mm512_mul_ps(gaussian, p);
+        let is_far = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(z, splat(-1.0));
+        let one_plus_erf = _mm512_mask_mov_ps(near, is_far, far);
+        _mm512_mul_ps(_mm512_mul_ps(splat(0.5), x), one_plus_erf)
+    }
+
+    /// # Safety
+    /// As [`super::kiln_gelu_erf`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu(n: usize, x: *const f32, y: *mut f32) {
+        for start in (0..n).step_by(16) {
+            let lanes = mask(n - start);
+            // SAFETY: the masked lanes lie within the n elements.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(lanes, x.add(start));
+                _mm512_mask_storeu_ps(y.add(start), lanes, gelu16(v));
+            }
+        }
     }
 
     /// # Safety
@@ -384,6 +473,15 @@ mod tests {
             assert!(
                 y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
                 "erf({x:e}): {y:e} vs {want:e}"
+            );
+        }
+        // SAFETY: both buffers hold values.len() f32.
+        unsafe { kiln_gelu_erf(values.len() as i64, values.as_ptr(), got.as_mut_ptr()) };
+        for (&x, &y) in values.iter().zip(&got) {
+            let want = gelu(x);
+            assert!(
+                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                "gelu({x:e}): {y:e} vs {want:e}"
             );
         }
         for len in 1..40 {
