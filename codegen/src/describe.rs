@@ -147,7 +147,9 @@ pub(crate) fn describe<'g>(
                     .position(|&i| i == id)
                     .unwrap_or(usize::MAX),
             ),
-            Op::Constant { .. } if plan.only_packed(graph, id) => Slot::Absent,
+            Op::Constant { .. } | Op::Transpose { .. } if plan.only_packed(graph, id) => {
+                Slot::Absent
+            }
             Op::Constant { weight } => {
                 if let Some(&index) = weight_index.get(weight.as_str()) {
                     Slot::Weight(index)

@@ -26,9 +26,12 @@ pub struct Plan {
 pub struct PackedWeight {
     /// The matmul or gemm node.
     pub product: NodeId,
-    /// Its constant right operand.
+    /// The constant it packs: the right operand, or the source of the right operand when that is
+    /// a 2-D transpose of a constant.
     pub weight: NodeId,
-    /// Whether the weight is stored `n × k` (a gemm with `trans_b`).
+    /// That transpose, if any.
+    pub through: Option<NodeId>,
+    /// Whether the weight is stored `n × k` (a gemm with `trans_b`, or a transposed constant).
     pub transposed: bool,
 }
 
@@ -41,7 +44,19 @@ fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
         _ => return None,
     };
     let operands = graph.operands(id);
-    let weight = *operands.get(1)?;
+    let mut weight = *operands.get(1)?;
+    let mut transposed = transposed;
+    let mut through = None;
+    // A weight stored the other way round and transposed by the graph (PyTorch's `Linear`) is
+    // packed from its stored layout, and the transpose never runs.
+    if let Op::Transpose { perm } = &graph.node(weight).op {
+        let source = graph.operands(weight)[0];
+        if perm.as_slice() == [1, 0] && matches!(graph.node(source).op, Op::Constant { .. }) {
+            through = Some(weight);
+            weight = source;
+            transposed = !transposed;
+        }
+    }
     let b = graph.node(weight);
     let packable = node.ty.dtype == DType::F32
         && matches!(b.op, Op::Constant { .. })
@@ -51,6 +66,7 @@ fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
     packable.then_some(PackedWeight {
         product: id,
         weight,
+        through,
         transposed,
     })
 }
@@ -183,14 +199,14 @@ impl Plan {
             .map(|i| self.scratch_slot() + 1 + i)
     }
 
-    /// Whether every use of constant `id` reads a packed copy, so that its own bytes are not
-    /// needed at run time.
+    /// Whether every use of `id` (a constant, or a transpose of one) reads a packed copy, so that
+    /// its bytes are not needed at run time: it gets no buffer or kernel.
     pub fn only_packed(&self, graph: &Graph, id: NodeId) -> bool {
         let users = graph.users(id);
         !users.is_empty()
             && !graph.outputs().iter().any(|(_, o)| *o == id)
             && users.iter().all(|&user| {
-                graph
+                let reads_packed = graph
                     .operands(user)
                     .iter()
                     .enumerate()
@@ -198,7 +214,10 @@ impl Plan {
                     && self
                         .packed
                         .iter()
-                        .any(|p| p.product == user && p.weight == id)
+                        .any(|p| p.product == user && (p.weight == id || p.through == Some(id)));
+                let packed_transpose = self.packed.iter().any(|p| p.through == Some(user))
+                    && self.only_packed(graph, user);
+                reads_packed || packed_transpose
             })
     }
 

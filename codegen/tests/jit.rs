@@ -641,3 +641,16 @@ fn gelu_matches_the_reference_over_its_range() {
         values.len()
     );
 }
+
+/// A weight stored `n × k` and transposed by the graph (PyTorch's `Linear`) is packed from its
+/// stored layout and the transpose never runs; a weight also read elsewhere keeps its bytes.
+#[test]
+fn transposed_constant_weights_are_packed_from_their_layout() {
+    let values: Vec<String> = (0..40)
+        .map(|i| format!("{:?}", (i % 7) as f32 * 0.25 - 0.5))
+        .collect();
+    let w = values.join(", ");
+    check_text_graph(&format!(
+        "graph \"g\" {{\n  input %x : f32[2, 3, 8]\n  %w = const \"w\" [{w}] : f32[5, 8]\n  %v = const \"v\" [{w}] : f32[5, 8]\n  %wt = transpose(%w) {{perm = [1, 0]}}\n  %vt = transpose(%v) {{perm = [1, 0]}}\n  %y = matmul(%x, %wt)\n  %z = matmul(%x, %vt)\n  %g = gemm(%x, %vt) {{trans_b = false, bias = false, activation = relu, residual = false}}\n  %h = gemm(%x, %v) {{trans_b = true, bias = false, activation = none, residual = false}}\n  output \"y\" = %y\n  output \"z\" = %z\n  output \"g\" = %g\n  output \"h\" = %h\n  output \"vt\" = %vt\n}}"
+    ));
+}
