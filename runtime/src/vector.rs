@@ -202,12 +202,27 @@ fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Range<usize>) +
     });
 }
 
-/// `y[i] = erf(x[i])` for `i < n`.
+/// The functions [`map`] applies over a run of values.
+#[derive(Clone, Copy)]
+enum Function {
+    Erf,
+    Gelu,
+}
+
+impl Function {
+    fn scalar(self, x: f32) -> f32 {
+        match self {
+            Function::Erf => erf(x),
+            Function::Gelu => gelu(x),
+        }
+    }
+}
+
+/// `y[i] = f(x[i])` for `i < n`, split over the run's team, 16 lanes where the CPU has AVX-512.
 ///
 /// # Safety
 /// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
-#[no_mangle]
-pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
+unsafe fn map(function: Function, n: i64, x: *const f32, y: *mut f32) {
     let n = usize::try_from(n).unwrap_or(0);
     let (x, y) = (x as usize, y as usize);
     split(n, n, &|range| {
@@ -218,13 +233,23 @@ pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
         #[cfg(target_arch = "x86_64")]
         if avx512() {
             // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
-            return unsafe { x86::erf(range.len(), x, y) };
+            return unsafe { x86::map(function, range.len(), x, y) };
         }
         for i in 0..range.len() {
             // SAFETY: element i of both buffers exists (caller's contract).
-            unsafe { *y.add(i) = erf(*x.add(i)) };
+            unsafe { *y.add(i) = function.scalar(*x.add(i)) };
         }
     });
+}
+
+/// `y[i] = erf(x[i])` for `i < n`.
+///
+/// # Safety
+/// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { map(Function::Erf, n, x, y) }
 }
 
 /// `y[i] = gelu(x[i])` (the error-function form) for `i < n`.
@@ -233,23 +258,8 @@ pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
 /// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_gelu_erf(n: i64, x: *const f32, y: *mut f32) {
-    let n = usize::try_from(n).unwrap_or(0);
-    let (x, y) = (x as usize, y as usize);
-    split(n, n, &|range| {
-        let (x, y) = (
-            (x as *const f32).wrapping_add(range.start),
-            (y as *mut f32).wrapping_add(range.start),
-        );
-        #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
-            return unsafe { x86::gelu(range.len(), x, y) };
-        }
-        for i in 0..range.len() {
-            // SAFETY: element i of both buffers exists (caller's contract).
-            unsafe { *y.add(i) = gelu(*x.add(i)) };
-        }
-    });
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { map(Function::Gelu, n, x, y) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -366,29 +376,19 @@ mod x86 {
     }
 
     /// # Safety
-    /// As [`super::kiln_gelu_erf`], on a CPU with AVX-512F.
+    /// As [`super::map`], on a CPU with AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gelu(n: usize, x: *const f32, y: *mut f32) {
+    pub(super) unsafe fn map(function: Function, n: usize, x: *const f32, y: *mut f32) {
         for start in (0..n).step_by(16) {
             let lanes = mask(n - start);
             // SAFETY: the masked lanes lie within the n elements.
             unsafe {
                 let v = _mm512_maskz_loadu_ps(lanes, x.add(start));
-                _mm512_mask_storeu_ps(y.add(start), lanes, gelu16(v));
-            }
-        }
-    }
-
-    /// # Safety
-    /// As [`super::kiln_erf`], on a CPU with AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn erf(n: usize, x: *const f32, y: *mut f32) {
-        for start in (0..n).step_by(16) {
-            let lanes = mask(n - start);
-            // SAFETY: the masked lanes lie within the n elements.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(lanes, x.add(start));
-                _mm512_mask_storeu_ps(y.add(start), lanes, erf16(v));
+                let result = match function {
+                    Function::Erf => erf16(v),
+                    Function::Gelu => gelu16(v),
+                };
+                _mm512_mask_storeu_ps(y.add(start), lanes, result);
             }
         }
     }
