@@ -835,12 +835,19 @@ impl<'b> Kernel<'b> {
             UnaryOp::Exp => return Ok(self.exp_f32(x)),
             UnaryOp::Erf => return Ok(self.erf_f32(x)),
             UnaryOp::Sigmoid | UnaryOp::Silu => {
-                // 1 / (1 + e^-x): e^-x overflows to +inf for very negative x, giving 0.
-                let negated = self.b.ins().fneg(x);
+                // With e = e^-|x|: 1 / (1 + e) for x >= 0, e / (1 + e) below, so that e never
+                // overflows and the subnormal results below x = -87.3 are kept (a regression:
+                // 1 / (1 + e^-x) gave 0 there).
+                let ty = self.b.func.dfg.value_type(x);
+                let magnitude = self.b.ins().fabs(x);
+                let negated = self.b.ins().fneg(magnitude);
                 let e = self.exp_f32(negated);
-                let one = self.float(self.b.func.dfg.value_type(x), 1.0);
+                let one = self.float(ty, 1.0);
                 let denominator = self.b.ins().fadd(one, e);
-                let sigmoid = self.b.ins().fdiv(one, denominator);
+                let zero = self.float(ty, 0.0);
+                let negative = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+                let numerator = self.select_float(negative, e, one);
+                let sigmoid = self.b.ins().fdiv(numerator, denominator);
                 return Ok(if op == UnaryOp::Silu {
                     self.b.ins().fmul(x, sigmoid)
                 } else {
