@@ -223,8 +223,10 @@ pub(crate) fn splits(graph: &Graph, id: NodeId) -> bool {
 /// The runtime function computing a unary op over a whole f32 tensor, if it has one.
 fn whole_tensor_routine(op: &Op, dtype: DType) -> Option<&'static str> {
     match (op, dtype) {
-        (Op::Unary(UnaryOp::Erf), DType::F32) => Some("kiln_erf"),
-        (Op::Unary(UnaryOp::Gelu), DType::F32) => Some("kiln_gelu_erf"),
+        (Op::Unary(UnaryOp::Erf), DType::F32) => Some("kiln_map_erf"),
+        (Op::Unary(UnaryOp::Gelu), DType::F32) => Some("kiln_map_gelu"),
+        (Op::Unary(UnaryOp::Tanh), DType::F32) => Some("kiln_map_tanh"),
+        (Op::Unary(UnaryOp::GeluTanh), DType::F32) => Some("kiln_map_gelu_tanh"),
         _ => None,
     }
 }

@@ -23,11 +23,16 @@ pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 16] {
+pub fn symbols() -> [(&'static str, *const u8); 18] {
     [
-        ("kiln_gelu_erf", vector::kiln_gelu_erf as *const u8),
         ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
-        ("kiln_erf", vector::kiln_erf as *const u8),
+        ("kiln_map_erf", vector::kiln_map_erf as *const u8),
+        ("kiln_map_gelu", vector::kiln_map_gelu as *const u8),
+        ("kiln_map_tanh", vector::kiln_map_tanh as *const u8),
+        (
+            "kiln_map_gelu_tanh",
+            vector::kiln_map_gelu_tanh as *const u8,
+        ),
         ("kiln_sgemm", kiln_sgemm as *const u8),
         ("kiln_sgemm_packed", kiln_sgemm_packed as *const u8),
         ("kiln_log", math::kiln_log as *const u8),

@@ -41,6 +41,23 @@ pub const EXP_POLYNOMIAL: [f32; 6] = [
     0.5,
 ];
 
+/// `(tanh(x) - x) / x^3` as a polynomial in `x^2` on [0, 0.625], highest power first
+/// (`codegen/tools/fit_tanh.py`: 0.84 ulp in f32 arithmetic).
+pub const TANH_SMALL: [f32; 6] = [
+    0.001_729_244_4,
+    -0.007_811_956_6,
+    0.021_597_976,
+    -0.053_938_355,
+    0.133_332_34,
+    -0.333_333_34,
+];
+
+/// Below this `|x|`, tanh is its polynomial; above, `1 - 2 / (e^(2|x|) + 1)`.
+const TANH_LIMIT: f32 = 0.625;
+
+/// `sqrt(2 / pi)`, the scale inside GELU's tanh form.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
 /// ln 2 in two parts: the high part has few mantissa bits, so `n * high` is exact.
 pub const EXP_LN2_HIGH: f32 = 0.693_359_4;
 /// The rest of ln 2.
@@ -125,6 +142,27 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * one_plus_erf
 }
 
+/// `tanh(x)`, scalar.
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    if a < TANH_LIMIT {
+        let t = x * x;
+        return x + (x * t) * polynomial(&TANH_SMALL, t);
+    }
+    let e = exp(a + a);
+    (1.0 - 2.0 / (e + 1.0)).copysign(x)
+}
+
+/// GELU's tanh form, `x/2 (1 + tanh(u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, scalar,
+/// computed as `x sigmoid(2u)`: `x / (1 + e)` for `u >= 0` and `x e / (1 + e)` below, with
+/// `e = e^(-2|u|)`, so that no `1 + tanh` cancels.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let e = exp(-(2.0 * u).abs());
+    let numerator = if u < 0.0 { e } else { 1.0 };
+    x * (numerator / (1.0 + e))
+}
+
 /// Softmax of one row of `len` f32 from `x` into `y`, which may be the same row: each element
 /// is read before it is written.
 ///
@@ -207,13 +245,25 @@ fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Range<usize>) +
 enum Function {
     Erf,
     Gelu,
+    Tanh,
+    GeluTanh,
 }
 
 impl Function {
+    #[cfg(test)]
+    const ALL: [Function; 4] = [
+        Function::Erf,
+        Function::Gelu,
+        Function::Tanh,
+        Function::GeluTanh,
+    ];
+
     fn scalar(self, x: f32) -> f32 {
         match self {
             Function::Erf => erf(x),
             Function::Gelu => gelu(x),
+            Function::Tanh => tanh(x),
+            Function::GeluTanh => gelu_tanh(x),
         }
     }
 }
@@ -242,24 +292,28 @@ unsafe fn map(function: Function, n: i64, x: *const f32, y: *mut f32) {
     });
 }
 
-/// `y[i] = erf(x[i])` for `i < n`.
-///
-/// # Safety
-/// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
-#[no_mangle]
-pub unsafe extern "C" fn kiln_erf(n: i64, x: *const f32, y: *mut f32) {
-    // SAFETY: forwarded from the caller's contract.
-    unsafe { map(Function::Erf, n, x, y) }
+macro_rules! map_functions {
+    ($($name:ident => $function:expr, $what:literal;)*) => {
+        $(
+            #[doc = concat!("`y[i] = ", $what, "` for `i < n`.")]
+            ///
+            /// # Safety
+            /// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise
+            /// overlap.
+            #[no_mangle]
+            pub unsafe extern "C" fn $name(n: i64, x: *const f32, y: *mut f32) {
+                // SAFETY: forwarded from the caller's contract.
+                unsafe { map($function, n, x, y) }
+            }
+        )*
+    };
 }
 
-/// `y[i] = gelu(x[i])` (the error-function form) for `i < n`.
-///
-/// # Safety
-/// `x` and `y` must hold `n` f32 each; they may be the same buffer but not otherwise overlap.
-#[no_mangle]
-pub unsafe extern "C" fn kiln_gelu_erf(n: i64, x: *const f32, y: *mut f32) {
-    // SAFETY: forwarded from the caller's contract.
-    unsafe { map(Function::Gelu, n, x, y) }
+map_functions! {
+    kiln_map_erf => Function::Erf, "erf(x[i])";
+    kiln_map_gelu => Function::Gelu, "gelu(x[i])` (the error-function form)";
+    kiln_map_tanh => Function::Tanh, "tanh(x[i])";
+    kiln_map_gelu_tanh => Function::GeluTanh, "gelu_tanh(x[i])";
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -352,6 +406,52 @@ mod x86 {
         _mm512_mask_mov_ps(far, is_near, near)
     }
 
+    /// `|v|` and `v`'s sign bits.
+    #[target_feature(enable = "avx512f")]
+    fn magnitude_and_sign(v: __m512) -> (__m512, __m512i) {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let bits = _mm512_castps_si512(v);
+        (
+            _mm512_castsi512_ps(_mm512_andnot_si512(sign, bits)),
+            _mm512_and_si512(bits, sign),
+        )
+    }
+
+    /// [`super::tanh`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn tanh16(x: __m512) -> __m512 {
+        let (a, sign) = magnitude_and_sign(x);
+        let t = _mm512_mul_ps(x, x);
+        let near = _mm512_add_ps(
+            x,
+            _mm512_mul_ps(_mm512_mul_ps(x, t), polynomial16(&TANH_SMALL, t)),
+        );
+        let e = exp16(_mm512_add_ps(a, a));
+        let far = _mm512_sub_ps(
+            splat(1.0),
+            _mm512_div_ps(splat(2.0), _mm512_add_ps(e, splat(1.0))),
+        );
+        let far = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(far), sign));
+        let is_near = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, splat(TANH_LIMIT));
+        _mm512_mask_mov_ps(far, is_near, near)
+    }
+
+    /// [`super::gelu_tanh`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn gelu_tanh16(x: __m512) -> __m512 {
+        let cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(splat(0.044_715), x), x), x);
+        let u = _mm512_mul_ps(splat(SQRT_2_OVER_PI), _mm512_add_ps(x, cube));
+        let (twice, _) = magnitude_and_sign(_mm512_mul_ps(splat(2.0), u));
+        let negated = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(twice),
+            _mm512_set1_epi32(i32::MIN),
+        ));
+        let e = exp16(negated);
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(u, _mm512_setzero_ps());
+        let numerator = _mm512_mask_mov_ps(splat(1.0), below, e);
+        _mm512_mul_ps(x, _mm512_div_ps(numerator, _mm512_add_ps(splat(1.0), e)))
+    }
+
     /// [`super::gelu`] on 16 lanes.
     #[target_feature(enable = "avx512f")]
     fn gelu16(x: __m512) -> __m512 {
@@ -387,6 +487,8 @@ mod x86 {
                 let result = match function {
                     Function::Erf => erf16(v),
                     Function::Gelu => gelu16(v),
+                    Function::Tanh => tanh16(v),
+                    Function::GeluTanh => gelu_tanh16(v),
                 };
                 _mm512_mask_storeu_ps(y.add(start), lanes, result);
             }
@@ -466,23 +568,23 @@ mod tests {
             4.0,
         ]);
         let mut got = vec![0f32; values.len()];
-        // SAFETY: both buffers hold values.len() f32.
-        unsafe { kiln_erf(values.len() as i64, values.as_ptr(), got.as_mut_ptr()) };
-        for (&x, &y) in values.iter().zip(&got) {
-            let want = erf(x);
-            assert!(
-                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
-                "erf({x:e}): {y:e} vs {want:e}"
-            );
-        }
-        // SAFETY: both buffers hold values.len() f32.
-        unsafe { kiln_gelu_erf(values.len() as i64, values.as_ptr(), got.as_mut_ptr()) };
-        for (&x, &y) in values.iter().zip(&got) {
-            let want = gelu(x);
-            assert!(
-                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
-                "gelu({x:e}): {y:e} vs {want:e}"
-            );
+        for function in Function::ALL {
+            // SAFETY: both buffers hold values.len() f32.
+            unsafe {
+                map(
+                    function,
+                    values.len() as i64,
+                    values.as_ptr(),
+                    got.as_mut_ptr(),
+                )
+            };
+            for (&x, &y) in values.iter().zip(&got) {
+                let want = function.scalar(x);
+                assert!(
+                    y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                    "f({x:e}): {y:e} vs {want:e}"
+                );
+            }
         }
         for len in 1..40 {
             let row: Vec<f32> = (0..len)
