@@ -1,4 +1,4 @@
-"""Fits the two polynomials of the JIT's inline erf (codegen/src/kernel.rs, ERF_SMALL and
+"""Fits the two polynomials of the inline and runtime erf (runtime/src/vector.rs, ERF_SMALL and
 ERFC_SCALED_LARGE) and reports their worst error in f32 arithmetic against math.erf.
 
 Each fit is least squares on the relative error at Chebyshev points, reweighted a few dozen times
@@ -7,23 +7,10 @@ towards the minimax solution. Needs numpy: `python3 codegen/tools/fit_erf.py`.
 import math
 
 import numpy as np
+from fitting import fit
 
 erf = np.vectorize(math.erf)
 erfc = np.vectorize(math.erfc)
-
-
-def fit(f, lo, hi, degree, variable):
-    """Coefficients, highest power first, of a polynomial in variable(x) close to f(x) on
-    [lo, hi] in relative error."""
-    xs = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.linspace(0, np.pi, 4000))
-    t, y = variable(xs), f(xs)
-    weights = 1 / np.abs(y)
-    for _ in range(30):
-        a = np.vander(t, degree + 1) * weights[:, None]
-        coefficients, *_ = np.linalg.lstsq(a, y * weights, rcond=None)
-        error = np.abs(np.polyval(coefficients, t) - y) / np.abs(y)
-        weights = weights * (error / error.max() + 0.05) ** 0.5
-    return coefficients
 
 
 def horner(coefficients, t):

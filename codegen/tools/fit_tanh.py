@@ -8,23 +8,10 @@ Needs numpy: `python3 codegen/tools/fit_tanh.py`.
 import math
 
 import numpy as np
+from fitting import fit
 
 tanh = np.vectorize(math.tanh)
 LIMIT = 0.625
-
-
-def fit(f, lo, hi, degree, variable):
-    """Coefficients, highest power first, of a polynomial in variable(x) close to f(x) on
-    [lo, hi] in relative error."""
-    xs = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.linspace(0, np.pi, 4000))
-    t, y = variable(xs), f(xs)
-    weights = 1 / np.abs(y)
-    for _ in range(30):
-        a = np.vander(t, degree + 1) * weights[:, None]
-        coefficients, *_ = np.linalg.lstsq(a, y * weights, rcond=None)
-        error = np.abs(np.polyval(coefficients, t) - y) / np.abs(y)
-        weights = weights * (error / error.max() + 0.05) ** 0.5
-    return coefficients
 
 
 def correction(x):
