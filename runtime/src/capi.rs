@@ -46,6 +46,9 @@ pub struct KilnTensor {
 pub struct Context {
     model: Option<Model>,
     last_error: CString,
+    /// The views of a call's inputs, kept so that calls after the first allocate nothing. Empty
+    /// between calls: the `'static` is only ever true for the duration of one `run`.
+    views: Vec<Input<'static>>,
 }
 
 impl Context {
@@ -148,6 +151,7 @@ pub unsafe extern "C" fn kiln_model_create(
     let mut context = Box::new(Context {
         model: None,
         last_error: CString::default(),
+        views: Vec::new(),
     });
     let status = match result.and_then(|mut model| {
         model.set_threads(default_threads())?;
@@ -277,13 +281,25 @@ unsafe fn run(
         // SAFETY: the caller's contract.
         unsafe { std::slice::from_raw_parts(inputs, num_inputs) }
     };
-    let views = inputs
-        .iter()
-        .enumerate()
+    let views = &mut context.views;
+    views.clear();
+    for (index, tensor) in inputs.iter().enumerate() {
         // SAFETY: the caller's contract.
-        .map(|(index, tensor)| unsafe { input_view(tensor, index) })
-        .collect::<Result<Vec<_>, _>>()?;
-    let result = model.run(&views)?;
+        match unsafe { input_view(tensor, index) } {
+            // SAFETY: the view stays in `views` only until this call returns (cleared below on
+            // every path), and the caller's buffers are valid for all of the call.
+            Ok(view) => {
+                views.push(unsafe { std::mem::transmute::<Input<'_>, Input<'static>>(view) })
+            }
+            Err(error) => {
+                views.clear();
+                return Err(error);
+            }
+        }
+    }
+    let result = model.run(views);
+    context.views.clear();
+    let result = result?;
     for (index, tensor) in outputs.iter_mut().enumerate() {
         let bytes = result.bytes(index);
         if bytes.len() > tensor.bytes {
