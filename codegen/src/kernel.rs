@@ -775,37 +775,32 @@ impl<'b> Kernel<'b> {
             &outer,
             vec![zero; strides.len()],
             &mut |k, bases| {
-                k.for_steps(zero, vector_end, 4, &mut |k, j| {
+                // Elements j.. as four lanes (`vector`) or one: operands along the axis are read
+                // in place, broadcast ones once (and splatted).
+                let step = |k: &mut Self, j: Value, vector: bool| -> Result<(), String> {
                     let mut values = Vec::with_capacity(inputs.len());
                     for ((&input, &base), &lanes) in inputs.iter().zip(&bases[1..]).zip(&contiguous)
                     {
                         values.push(if lanes {
-                            let at = k.b.ins().iadd(base, j);
-                            let row = k.address(input, at, DType::F32);
-                            k.b.ins().load(types::F32X4, memory(), row, 0)
+                            let row = k.address(input, base, DType::F32);
+                            k.load_f32s(row, j, vector)
                         } else {
                             let value = k.load(input, base, DType::F32);
-                            k.b.ins().splat(types::F32X4, value)
+                            if vector {
+                                k.b.ins().splat(types::F32X4, value)
+                            } else {
+                                value
+                            }
                         });
                     }
                     let result = apply(k, &values)?;
-                    let at = k.b.ins().iadd(bases[0], j);
-                    let row = k.address(out, at, DType::F32);
-                    k.b.ins().store(memory(), result, row, 0);
+                    let row = k.address(out, bases[0], DType::F32);
+                    let at = k.address(row, j, DType::F32);
+                    k.b.ins().store(memory(), result, at, 0);
                     Ok(())
-                })?;
-                k.for_steps(vector_end, len, 1, &mut |k, j| {
-                    let mut values = Vec::with_capacity(inputs.len());
-                    for ((&input, &base), &lanes) in inputs.iter().zip(&bases[1..]).zip(&contiguous)
-                    {
-                        let at = if lanes { k.b.ins().iadd(base, j) } else { base };
-                        values.push(k.load(input, at, DType::F32));
-                    }
-                    let result = apply(k, &values)?;
-                    let at = k.b.ins().iadd(bases[0], j);
-                    k.store(out, at, DType::F32, result);
-                    Ok(())
-                })
+                };
+                k.for_steps(zero, vector_end, 4, &mut |k, j| step(k, j, true))?;
+                k.for_steps(vector_end, len, 1, &mut |k, j| step(k, j, false))
             },
         )
     }
@@ -1895,11 +1890,8 @@ impl<'b> Kernel<'b> {
             let low = k.b.ins().fvpromote_low(v);
             let high = k.high_half(v);
             let high = k.b.ins().fvpromote_low(high);
-            for (sum, mut part) in [(low_sum, low), (high_sum, high)] {
-                if let Some(c) = center_lanes {
-                    let d = k.b.ins().fsub(part, c);
-                    part = k.b.ins().fmul(d, d);
-                }
+            for (sum, part) in [(low_sum, low), (high_sum, high)] {
+                let part = k.squared_deviation(part, center_lanes);
                 let s = k.b.use_var(sum);
                 let s = k.b.ins().fadd(s, part);
                 k.b.def_var(sum, s);
@@ -1915,17 +1907,25 @@ impl<'b> Kernel<'b> {
         self.b.def_var(total, sum);
         self.for_steps(vector_end, len, 1, &mut |k, j| {
             let v = k.load(row, j, DType::F32);
-            let mut v = k.b.ins().fpromote(types::F64, v);
-            if let Some(c) = center {
-                let d = k.b.ins().fsub(v, c);
-                v = k.b.ins().fmul(d, d);
-            }
+            let v = k.b.ins().fpromote(types::F64, v);
+            let v = k.squared_deviation(v, center);
             let s = k.b.use_var(total);
             let s = k.b.ins().fadd(s, v);
             k.b.def_var(total, s);
             Ok(())
         })?;
         Ok(self.b.use_var(total))
+    }
+
+    /// `(v - center)^2`, or `v` itself without a center.
+    fn squared_deviation(&mut self, v: Value, center: Option<Value>) -> Value {
+        match center {
+            Some(c) => {
+                let d = self.b.ins().fsub(v, c);
+                self.b.ins().fmul(d, d)
+            }
+            None => v,
+        }
     }
 
     /// Elements `j..j + 4` of an f32 row as lanes, or element `j` alone.

@@ -36,31 +36,23 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         let value = rest.next().ok_or_else(|| format!("{key} needs a value"))?;
         values.insert(key, value);
     }
-    let bench = values
-        .get("--bench")
-        .map(|v| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("--bench {v}: expected a positive number of runs"))
-        })
-        .transpose()?;
-    let warmup = values
-        .get("--warmup")
-        .map(|v| {
-            v.parse::<usize>()
-                .map_err(|_| format!("--warmup {v}: expected a number of runs"))
-        })
-        .transpose()?;
-    let threads = values
-        .get("--threads")
-        .map(|v| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("--threads {v}: expected a positive number"))
-        })
-        .transpose()?;
+    // A count given with `key`, at least `min`.
+    let count = |key: &str, min: usize| {
+        values
+            .get(key)
+            .map(|v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|&n| n >= min)
+                    .ok_or_else(|| format!("{key} {v}: expected a whole number, at least {min}"))
+            })
+            .transpose()
+    };
+    let (bench, warmup, threads) = (
+        count("--bench", 1)?,
+        count("--warmup", 0)?,
+        count("--threads", 1)?,
+    );
     let inputs = PathBuf::from(values.get("--inputs").ok_or("--inputs is required")?);
     let output = values.get("--output").map(PathBuf::from);
     if output.is_none() && bench.is_none() {
