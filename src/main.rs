@@ -1,9 +1,12 @@
 //! The `kiln` command line: inspect and run models.
 
+mod inspect;
+
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln_frontend::InputShapes;
-use kiln_ir::{interp, json, text, Graph, Summary, Tensor};
+use kiln_ir::{interp, Graph, Tensor};
+use kiln_passes::Pipeline;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,9 +31,23 @@ enum Command {
         /// Bind a symbolic dim for the FLOPs estimate, e.g. `--dim seq=128` (default: its maximum).
         #[arg(long = "dim", value_name = "NAME=VALUE", value_parser = parse_binding)]
         dims: Vec<(String, i64)>,
-        /// Print the IR as JSON instead of text, without the summary.
+        /// Print JSON instead of text: the IR, or with `--report` the fusion report.
         #[arg(long)]
         json: bool,
+        /// Print the IR after every pass, with the pass's notes.
+        #[arg(long, conflicts_with_all = ["diff", "report"])]
+        after_each: bool,
+        /// Print a unified diff of the IR before and after one pass.
+        #[arg(long, value_name = "PASS", conflicts_with = "report")]
+        diff: Option<String>,
+        /// Print the fusion report: for each pattern, the sites fused and why the others were not.
+        #[arg(long)]
+        report: bool,
+        /// Write the final graph as Graphviz to FILE (and FILE.svg when `dot` is installed).
+        #[arg(long, value_name = "FILE")]
+        dot: Option<PathBuf>,
+        #[command(flatten)]
+        passes: PassArgs,
     },
     /// Time a model: one-time load and compile costs, then the latency of `run` after warm-up.
     Bench {
@@ -58,6 +75,8 @@ enum Command {
         /// How to execute the model.
         #[arg(long, value_enum, default_value_t = Backend::Jit)]
         backend: Backend,
+        #[command(flatten)]
+        passes: PassArgs,
     },
     /// Compile a model into an object file, a shared library with its C header, and an executable
     /// with the `--inputs`/`--output` contract of `kiln run`.
@@ -76,6 +95,11 @@ enum Command {
         /// Where the weights go: in the object, or in `NAME.weights` beside it (memory-mapped).
         #[arg(long, value_enum, default_value_t = Weights::Embedded)]
         weights: Weights,
+        /// Print the time each stage took: load, every pass, codegen, linking.
+        #[arg(long)]
+        timings: bool,
+        #[command(flatten)]
+        passes: PassArgs,
     },
     /// Report which of a model's ops kiln supports (ONNX), or whether it loads (other formats).
     Check {
@@ -101,7 +125,34 @@ enum Command {
         /// Threads for the parallel loops (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        passes: PassArgs,
     },
+}
+
+/// Which passes run between the frontend and codegen.
+#[derive(Args, Clone, Default)]
+struct PassArgs {
+    /// Run exactly these passes, comma-separated, in this order; `none` runs none.
+    #[arg(long, value_delimiter = ',', value_name = "PASS,...")]
+    passes: Option<Vec<String>>,
+    /// Leave a pass out of the pipeline; may be repeated.
+    #[arg(long = "disable-pass", value_name = "PASS")]
+    disable: Vec<String>,
+}
+
+impl PassArgs {
+    fn pipeline(&self) -> Result<Pipeline> {
+        let mut pipeline = match &self.passes {
+            None => Pipeline::default(),
+            Some(names) if names.iter().all(|n| n == "none") => Pipeline::empty(),
+            Some(names) => Pipeline::only(names)?,
+        };
+        for name in &self.disable {
+            pipeline = pipeline.without(name)?;
+        }
+        Ok(pipeline)
+    }
 }
 
 /// Execution backends.
@@ -152,25 +203,13 @@ fn load_model(path: &Path, shape_args: &[String]) -> Result<Graph> {
     Ok(kiln_frontend::load(path, &shapes)?)
 }
 
-fn inspect(model: &Path, shapes: &[String], dims: &[(String, i64)], as_json: bool) -> Result<()> {
-    let graph = load_model(model, shapes)?;
-    if as_json {
-        println!("{}", json::to_json(&graph));
-        return Ok(());
-    }
-    let unknown: Vec<&str> = dims
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .filter(|name| !graph.symbols().iter().any(|s| s.name == *name))
-        .collect();
-    if !unknown.is_empty() {
-        bail!("--dim names unknown symbols: {}", unknown.join(", "));
-    }
-    let bindings: HashMap<String, i64> = dims.iter().cloned().collect();
-    let summary = Summary::of(&graph, &bindings).context("counting FLOPs")?;
-    print!("{}", text::print(&graph));
-    println!("{summary}");
-    Ok(())
+/// Loads a model and runs the pass pipeline on it.
+fn load_and_optimize(path: &Path, shape_args: &[String], passes: &PassArgs) -> Result<Graph> {
+    let graph = load_model(path, shape_args)?;
+    let pipeline = passes.pipeline()?;
+    pipeline
+        .run(&graph)
+        .with_context(|| format!("optimizing {}", path.display()))
 }
 
 /// Inputs for every graph input at the given symbol values (maxima otherwise): integers 1
@@ -215,13 +254,14 @@ fn bench(
     warmup: usize,
     threads: Option<usize>,
     backend: Backend,
+    passes: &PassArgs,
 ) -> Result<()> {
     let threads = threads_or_all(threads)?;
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
     let started = std::time::Instant::now();
-    let graph = load_model(model, shapes)?;
+    let graph = load_and_optimize(model, shapes, passes)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let feed = match inputs {
         Some(path) => kiln_ir::load_tensors(path)?.into_iter().collect(),
@@ -264,7 +304,7 @@ fn bench(
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    println!("load: {load_ms:.1} ms, compile: {compile_ms:.1} ms");
+    println!("load and passes: {load_ms:.1} ms, compile: {compile_ms:.1} ms");
     println!(
         "run: median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({iters} runs after {warmup} warm-up, {})",
         quantile(&times, 0.5),
@@ -341,14 +381,26 @@ fn bench_executable(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compile(
     model: &Path,
     shapes: &[String],
     output: &Path,
     name: Option<&str>,
     weights: Weights,
+    timings: bool,
+    passes: &PassArgs,
 ) -> Result<()> {
+    let mut times: Vec<(String, std::time::Duration)> = Vec::new();
+    let started = std::time::Instant::now();
     let graph = load_model(model, shapes)?;
+    times.push(("load".into(), started.elapsed()));
+    let stages = passes
+        .pipeline()?
+        .run_stages(&graph)
+        .with_context(|| format!("optimizing {}", model.display()))?;
+    times.extend(stages.iter().map(|s| (format!("pass {}", s.pass), s.time)));
+    let graph = stages.last().map_or(&graph, |s| &s.graph);
     let name = match name {
         Some(name) => name.to_string(),
         None => kiln_codegen::aot::c_identifier(
@@ -361,14 +413,26 @@ fn compile(
         Weights::Embedded => kiln_codegen::aot::WeightPlacement::Embedded,
         Weights::External => kiln_codegen::aot::WeightPlacement::External,
     };
-    let artifacts = kiln_codegen::aot::compile(&graph, &name, placement)
+    let started = std::time::Instant::now();
+    let artifacts = kiln_codegen::aot::compile(graph, &name, placement)
         .with_context(|| format!("compiling {}", model.display()))?;
+    times.push(("codegen".into(), started.elapsed()));
+    let started = std::time::Instant::now();
     let linked = kiln_codegen::aot::link(&artifacts, output)?;
+    times.push(("link".into(), started.elapsed()));
     for command in &linked.commands {
         println!("$ {command}");
     }
     for file in &linked.files {
         println!("wrote {}", file.display());
+    }
+    if timings {
+        let total: std::time::Duration = times.iter().map(|(_, t)| *t).sum();
+        println!("timings:");
+        for (stage, time) in &times {
+            println!("  {stage:<24} {:>9.1} ms", time.as_secs_f64() * 1e3);
+        }
+        println!("  {:<24} {:>9.1} ms", "total", total.as_secs_f64() * 1e3);
     }
     Ok(())
 }
@@ -420,9 +484,10 @@ fn run(
     output: &Path,
     backend: Backend,
     threads: Option<usize>,
+    passes: &PassArgs,
 ) -> Result<()> {
     let threads = threads_or_all(threads)?;
-    let graph = load_model(model, shapes)?;
+    let graph = load_and_optimize(model, shapes, passes)?;
     if let Backend::Aot = backend {
         let dir = tempfile::tempdir()?;
         let artifacts = kiln_codegen::aot::compile(
@@ -474,7 +539,29 @@ fn main() -> ExitCode {
             shapes,
             dims,
             json,
-        } => inspect(model, shapes, dims, *json),
+            after_each,
+            diff,
+            report,
+            dot,
+            passes,
+        } => load_model(model, shapes).and_then(|graph| {
+            let view = match (after_each, diff, report) {
+                (true, _, _) => inspect::View::AfterEach,
+                (_, Some(pass), _) => inspect::View::Diff(pass.clone()),
+                (_, _, true) => inspect::View::Report,
+                _ => inspect::View::Final,
+            };
+            inspect::inspect(
+                &graph,
+                &passes.pipeline()?,
+                &inspect::Options {
+                    view,
+                    json: *json,
+                    dims,
+                    dot: dot.as_deref(),
+                },
+            )
+        }),
         Command::Check { model } => check(model),
         Command::Compile {
             model,
@@ -482,7 +569,17 @@ fn main() -> ExitCode {
             output,
             name,
             weights,
-        } => compile(model, shapes, output, name.as_deref(), *weights),
+            timings,
+            passes,
+        } => compile(
+            model,
+            shapes,
+            output,
+            name.as_deref(),
+            *weights,
+            *timings,
+            passes,
+        ),
         Command::Bench {
             model,
             shapes,
@@ -492,6 +589,7 @@ fn main() -> ExitCode {
             warmup,
             threads,
             backend,
+            passes,
         } => bench(
             model,
             shapes,
@@ -501,6 +599,7 @@ fn main() -> ExitCode {
             *warmup,
             *threads,
             *backend,
+            passes,
         ),
         Command::Run {
             model,
@@ -509,7 +608,8 @@ fn main() -> ExitCode {
             output,
             backend,
             threads,
-        } => run(model, shapes, inputs, output, *backend, *threads),
+            passes,
+        } => run(model, shapes, inputs, output, *backend, *threads, passes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -170,15 +170,6 @@ pub(crate) fn describe<'g>(
                     dims: dims.shape(&node.ty.shape.0),
                     reserved: plan.reserved(id),
                 });
-                if let Op::Attention(_) = node.op {
-                    let keys = &graph.node(graph.operands(id)[1]).ty.shape.0[2];
-                    buffers.push(BufferCheck {
-                        node: node.name.clone(),
-                        element_bytes: crate::plan::SCRATCH_BYTES_PER_KEY,
-                        dims: vec![dims.intern(keys)],
-                        reserved: plan.scratch_bytes(),
-                    });
-                }
                 kernels.push(KernelSpec {
                     node: node.name.clone(),
                     op: node.op.name().to_string(),
@@ -191,7 +182,6 @@ pub(crate) fn describe<'g>(
         };
         slots.push(slot);
     }
-    slots.push(Slot::Arena(plan.scratch_offset()));
     for packed in plan.packed() {
         let weight = graph.node(packed.weight);
         let Op::Constant { weight: name } = &weight.op else {

@@ -6,7 +6,8 @@ use crate::math;
 use crate::plan::Plan;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, Type, Value,
+    types, AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind,
+    Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{FuncId, Linkage, Module};
@@ -15,9 +16,9 @@ use kiln_ir::{DType, Dim, Graph, NodeId, Op, TensorType};
 use std::collections::HashMap;
 
 use kiln_runtime::spec::{
-    STATUS_DIVISION_BY_ZERO as DIVISION_BY_ZERO, STATUS_EMPTY_AXIS as EMPTY_AXIS,
-    STATUS_INDEX_OUT_OF_RANGE as INDEX_OUT_OF_RANGE, STATUS_ODD_HEAD_DIM as ODD_HEAD_DIM,
-    STATUS_OUTSIDE_LAYOUT as OUTSIDE_LAYOUT,
+    STATUS_ATTENTION_HEADS as ATTENTION_HEADS, STATUS_DIVISION_BY_ZERO as DIVISION_BY_ZERO,
+    STATUS_EMPTY_AXIS as EMPTY_AXIS, STATUS_INDEX_OUT_OF_RANGE as INDEX_OUT_OF_RANGE,
+    STATUS_ODD_HEAD_DIM as ODD_HEAD_DIM,
 };
 use kiln_runtime::vector::{
     ERFC_SCALED_LARGE, ERF_SMALL, EXP_LN2_HIGH, EXP_LN2_LOW, EXP_OVERFLOW, EXP_POLYNOMIAL,
@@ -81,6 +82,11 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
     }
 }
 
+/// The most keys attention computes with materialized scores (one tile of every key); longer
+/// sequences use the tiled online softmax. Set from the measurements in BENCHMARKS.md
+/// (`cargo bench -p kiln-runtime --bench attention`).
+const MATERIALIZED_MAX_KEYS: i64 = 256;
+
 /// A possibly negative axis as an index into `rank` axes.
 fn resolve_axis(axis: i64, rank: usize) -> Result<usize, String> {
     let resolved = if axis < 0 { axis + rank as i64 } else { axis };
@@ -131,7 +137,6 @@ pub(crate) fn build(
         let mut k = Kernel {
             b,
             module,
-            slot: plan.index(id),
             buffers,
             symbols,
             symbol_index: graph
@@ -188,8 +193,6 @@ type NestBody<'f, 'b> = dyn FnMut(&mut Kernel<'b>, &[Value]) -> Result<(), Strin
 struct Kernel<'a> {
     b: FunctionBuilder<'a>,
     module: &'a mut dyn Module,
-    /// The node's slot, which names the data objects it defines.
-    slot: usize,
     buffers: Value,
     symbols: Value,
     symbol_index: HashMap<String, usize>,
@@ -616,10 +619,7 @@ impl<'b> Kernel<'b> {
                 let packed = plan.packed_slot(id).map(|slot| self.buffer(slot));
                 self.gemm(&node.ty, &operands, out, &inputs, *epilogue, packed)
             }
-            Op::Attention(attention) => {
-                let scratch = self.buffer(plan.scratch_slot());
-                self.attention(attention, &operands, out, &inputs, scratch)
-            }
+            Op::Attention(attention) => self.attention(attention, &operands, out, &inputs),
             Op::Rope { theta, interleaved } => self.rope(
                 &node.ty,
                 operands[1],
@@ -2023,268 +2023,100 @@ impl<'b> Kernel<'b> {
         )
     }
 
-    /// Whether the static mask lets position `pos` see key `key` (both i64).
-    fn mask_allows(
-        &mut self,
-        mask: &kiln_ir::ops::MaskSpec,
-        pos: Value,
-        key: Value,
-        layout: Option<Value>,
-    ) -> Result<Value, String> {
-        use kiln_ir::ops::MaskSpec;
-        Ok(match mask {
-            MaskSpec::Dense => self.b.ins().iconst(types::I8, 1),
-            MaskSpec::BlockSparse {
-                block,
-                layout: rows,
-            } => {
-                // Tile (pos / block, key / block) of the row-major layout bitmap, bounds-checked.
-                let (qb, kb) = (
-                    self.b.ins().sdiv_imm_s(pos, i64::from(*block)),
-                    self.b.ins().sdiv_imm_s(key, i64::from(*block)),
-                );
-                let cols = rows.first().map_or(0, Vec::len) as i64;
-                let below = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, pos, 0);
-                let q_out =
-                    self.b
-                        .ins()
-                        .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, qb, rows.len() as i64);
-                let k_out = self
-                    .b
-                    .ins()
-                    .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, kb, cols);
-                let outside = self.b.ins().bor(below, q_out);
-                let outside = self.b.ins().bor(outside, k_out);
-                self.fail_if(outside, OUTSIDE_LAYOUT);
-                let base = layout.ok_or("block_sparse mask without its layout")?;
-                let row = self.b.ins().imul_imm_s(qb, cols);
-                let at = self.b.ins().iadd(row, kb);
-                let at = self.b.ins().iadd(base, at);
-                let bit =
-                    self.b
-                        .ins()
-                        .load(types::I8, MemFlagsData::trusted().with_readonly(), at, 0);
-                self.b.ins().icmp_imm_s(IntCC::NotEqual, bit, 0)
-            }
-            MaskSpec::Causal => self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos),
-            MaskSpec::SlidingWindow { window } => {
-                let causal = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, key, pos);
-                let reach = self.b.ins().iadd_imm_s(key, i64::from(*window));
-                let near = self.b.ins().icmp(IntCC::SignedLessThan, pos, reach);
-                self.b.ins().band(causal, near)
-            }
-            MaskSpec::GlobalLocal { global, window } => {
-                let global_pos =
-                    self.b
-                        .ins()
-                        .icmp_imm_s(IntCC::SignedLessThan, pos, i64::from(*global));
-                let global_key =
-                    self.b
-                        .ins()
-                        .icmp_imm_s(IntCC::SignedLessThan, key, i64::from(*global));
-                let diff = self.b.ins().isub(pos, key);
-                let negated = self.b.ins().ineg(diff);
-                let distance = self.b.ins().smax(diff, negated);
-                let local =
-                    self.b
-                        .ins()
-                        .icmp_imm_s(IntCC::SignedLessThan, distance, i64::from(*window));
-                let either = self.b.ins().bor(global_pos, global_key);
-                self.b.ins().bor(either, local)
-            }
-        })
-    }
-
-    /// The block-sparse layout as a read-only data object of this kernel (one byte per tile,
-    /// row-major), or `None` for other masks.
-    fn layout_table(&mut self, mask: &kiln_ir::ops::MaskSpec) -> Result<Option<Value>, String> {
-        let kiln_ir::ops::MaskSpec::BlockSparse { layout, .. } = mask else {
-            return Ok(None);
-        };
-        let cols = layout.first().map_or(0, Vec::len);
-        if layout.iter().any(|row| row.len() != cols) {
-            return Err("block_sparse layout rows differ in length".into());
-        }
-        let bytes: Vec<u8> = layout.iter().flatten().map(|&b| u8::from(b)).collect();
-        let id = self
-            .module
-            .declare_data(
-                &format!("layout_{}", self.slot),
-                Linkage::Local,
-                false,
-                false,
-            )
-            .map_err(|e| e.to_string())?;
-        let mut data = cranelift_module::DataDescription::new();
-        data.define(bytes.into_boxed_slice());
-        self.module
-            .define_data(id, &data)
-            .map_err(|e| e.to_string())?;
-        let global = self.module.declare_data_in_func(id, self.b.func);
-        Ok(Some(self.b.ins().symbol_value(types::I64, global)))
-    }
-
-    /// Materialized attention, one query row at a time, as the interpreter defines it: scores
-    /// and visibility flags into the scratch rows, softmax over the visible keys (f64 sums), then
-    /// the weighted values. A row with no visible key gives zeros.
+    /// Fused attention: the runtime's kernel ([`kiln_runtime::AttentionCall`]) on a call
+    /// description built in a stack slot. Up to [`MATERIALIZED_MAX_KEYS`] keys one tile holds
+    /// every key (the materialized lowering); beyond, tiles of the node's `tile_k` keys stream
+    /// through the online softmax.
     fn attention(
         &mut self,
         attention: &kiln_ir::ops::Attention,
         operands: &[&TensorType],
         out: Value,
         inputs: &[Value],
-        scratch: Value,
     ) -> Result<(), String> {
+        use kiln_ir::ops::MaskSpec;
         let (q_dims, k_dims, v_dims) = (
             self.dims(operands[0]),
             self.dims(operands[1]),
             self.dims(operands[2]),
         );
-        let (batch, heads, sq, d) = (q_dims[0], q_dims[1], q_dims[2], q_dims[3]);
-        let (kv_heads, sk, dv) = (k_dims[1], k_dims[2], v_dims[3]);
-        let group = self.floor_div(heads, kv_heads);
-        let offset = self.b.ins().isub(sk, sq);
-        let mask = operands.get(3).map(|ty| {
-            let strides = self.broadcast_strides(ty, 4);
-            (inputs[3], ty.dtype, strides)
-        });
-        let (q, k_ptr, v) = (inputs[0], inputs[1], inputs[2]);
-        let scale = attention.scale.0;
-        let spec = attention.mask.clone();
-        let layout = self.layout_table(&spec)?;
-        // Scratch: scores at [0, sk), visibility flags (1.0 or 0.0) at [sk, 2 sk).
-        let flags = sk;
-        self.for_range(batch, &mut |k, bi| {
-            k.for_range(heads, &mut |k, hi| {
-                let kh = k.floor_div(hi, group);
-                k.for_range(sq, &mut |k, i| {
-                    let pos = k.b.ins().iadd(i, offset);
-                    let bh = k.b.ins().imul(bi, heads);
-                    let bh = k.b.ins().iadd(bh, hi);
-                    let q_row = k.b.ins().imul(bh, sq);
-                    let q_row = k.b.ins().iadd(q_row, i);
-                    let q_row = k.b.ins().imul(q_row, d);
-                    let bk = k.b.ins().imul(bi, kv_heads);
-                    let bk = k.b.ins().iadd(bk, kh);
-                    let kv_base = k.b.ins().imul(bk, sk);
-                    let max = k.b.declare_var(types::F64);
-                    let any = k.b.declare_var(types::I8);
-                    let minus_inf = k.b.ins().f64const(f64::NEG_INFINITY);
-                    k.b.def_var(max, minus_inf);
-                    let none = k.b.ins().iconst(types::I8, 0);
-                    k.b.def_var(any, none);
-                    k.for_range(sk, &mut |k, j| {
-                        let mut allowed = k.mask_allows(&spec, pos, j, layout)?;
-                        let dot = k.b.declare_var(types::F64);
-                        let zero = k.b.ins().f64const(0.0);
-                        k.b.def_var(dot, zero);
-                        let k_row = k.b.ins().iadd(kv_base, j);
-                        let k_row = k.b.ins().imul(k_row, d);
-                        k.for_range(d, &mut |k, c| {
-                            let qa = k.b.ins().iadd(q_row, c);
-                            let ka = k.b.ins().iadd(k_row, c);
-                            let x = k.load(q, qa, DType::F32);
-                            let y = k.load(k_ptr, ka, DType::F32);
-                            let (x, y) = (
-                                k.b.ins().fpromote(types::F64, x),
-                                k.b.ins().fpromote(types::F64, y),
-                            );
-                            let p = k.b.ins().fmul(x, y);
-                            let s = k.b.use_var(dot);
-                            let s = k.b.ins().fadd(s, p);
-                            k.b.def_var(dot, s);
-                            Ok(())
-                        })?;
-                        let s = k.b.use_var(dot);
-                        let scale = k.b.ins().f64const(f64::from(scale));
-                        let mut score = k.b.ins().fmul(s, scale);
-                        if let Some((m_ptr, m_dtype, strides)) = &mask {
-                            let mut at = k.b.ins().imul(bi, strides[0]);
-                            for (index, stride) in
-                                [(hi, strides[1]), (i, strides[2]), (j, strides[3])]
-                            {
-                                let step = k.b.ins().imul(index, stride);
-                                at = k.b.ins().iadd(at, step);
-                            }
-                            let m = k.load(*m_ptr, at, *m_dtype);
-                            if *m_dtype == DType::Bool {
-                                allowed = k.b.ins().band(allowed, m);
-                            } else {
-                                let m = k.b.ins().fpromote(types::F64, m);
-                                score = k.b.ins().fadd(score, m);
-                            }
-                        }
-                        let narrow = k.b.ins().fdemote(types::F32, score);
-                        k.store(scratch, j, DType::F32, narrow);
-                        let flag_at = k.b.ins().iadd(flags, j);
-                        let (one, zero) = (k.b.ins().f32const(1.0), k.b.ins().f32const(0.0));
-                        let flag = k.b.ins().select(allowed, one, zero);
-                        k.store(scratch, flag_at, DType::F32, flag);
-                        let current = k.b.use_var(max);
-                        let bigger = k.b.ins().fmax(current, score);
-                        let kept = k.b.ins().select(allowed, bigger, current);
-                        k.b.def_var(max, kept);
-                        let seen = k.b.use_var(any);
-                        let seen = k.b.ins().bor(seen, allowed);
-                        k.b.def_var(any, seen);
-                        Ok(())
-                    })?;
-                    let sum = k.b.declare_var(types::F64);
-                    let zero = k.b.ins().f64const(0.0);
-                    k.b.def_var(sum, zero);
-                    let m = k.b.use_var(max);
-                    k.for_range(sk, &mut |k, j| {
-                        let score = k.load(scratch, j, DType::F32);
-                        let score = k.b.ins().fpromote(types::F64, score);
-                        let flag_at = k.b.ins().iadd(flags, j);
-                        let flag = k.load(scratch, flag_at, DType::F32);
-                        let zero_f = k.b.ins().f32const(0.0);
-                        let visible = k.b.ins().fcmp(FloatCC::NotEqual, flag, zero_f);
-                        let shifted = k.b.ins().fsub(score, m);
-                        let shifted = k.b.ins().fdemote(types::F32, shifted);
-                        let e = k.exp_f32(shifted);
-                        let weight = k.b.ins().select(visible, e, zero_f);
-                        k.store(scratch, j, DType::F32, weight);
-                        let wide = k.b.ins().fpromote(types::F64, weight);
-                        let total = k.b.use_var(sum);
-                        let total = k.b.ins().fadd(total, wide);
-                        k.b.def_var(sum, total);
-                        Ok(())
-                    })?;
-                    let total = k.b.use_var(sum);
-                    let seen = k.b.use_var(any);
-                    let out_row = k.b.ins().imul(bh, sq);
-                    let out_row = k.b.ins().iadd(out_row, i);
-                    let out_row = k.b.ins().imul(out_row, dv);
-                    k.for_range(dv, &mut |k, c| {
-                        let acc = k.b.declare_var(types::F64);
-                        let zero = k.b.ins().f64const(0.0);
-                        k.b.def_var(acc, zero);
-                        k.for_range(sk, &mut |k, j| {
-                            let w = k.load(scratch, j, DType::F32);
-                            let v_at = k.b.ins().iadd(kv_base, j);
-                            let v_at = k.b.ins().imul(v_at, dv);
-                            let v_at = k.b.ins().iadd(v_at, c);
-                            let x = k.load(v, v_at, DType::F32);
-                            let p = k.b.ins().fmul(w, x);
-                            let p = k.b.ins().fpromote(types::F64, p);
-                            let a = k.b.use_var(acc);
-                            let a = k.b.ins().fadd(a, p);
-                            k.b.def_var(acc, a);
-                            Ok(())
-                        })?;
-                        let a = k.b.use_var(acc);
-                        let value = k.b.ins().fdiv(a, total);
-                        let value = k.b.ins().fdemote(types::F32, value);
-                        let zero = k.b.ins().f32const(0.0);
-                        let value = k.b.ins().select(seen, value, zero);
-                        let at = k.b.ins().iadd(out_row, c);
-                        k.store(out, at, DType::F32, value);
-                        Ok(())
-                    })
-                })
-            })
-        })
+        let zero = self.iconst(0);
+        let (mask, mask_kind, mask_strides) = match operands.get(3) {
+            Some(ty) => (
+                inputs[3],
+                if ty.dtype == DType::Bool { 1 } else { 2 },
+                self.broadcast_strides(ty, 4),
+            ),
+            None => (zero, 0, vec![zero; 4]),
+        };
+        let (static_mask, window, global) = match attention.mask {
+            MaskSpec::Dense => (0, 0, 0),
+            MaskSpec::Causal => (1, 0, 0),
+            MaskSpec::SlidingWindow { window } => (2, i64::from(window), 0),
+            MaskSpec::GlobalLocal { global, window } => (3, i64::from(window), i64::from(global)),
+            MaskSpec::BlockSparse { .. } => {
+                return Err("block_sparse attention masks are not compiled yet".into())
+            }
+        };
+        // The lowering rule, at run time on the actual key count.
+        let tiled = self.iconst(i64::from(attention.tile_k));
+        let short = self.b.ins().icmp_imm_s(
+            IntCC::SignedLessThanOrEqual,
+            k_dims[2],
+            MATERIALIZED_MAX_KEYS,
+        );
+        let tile_k = self.b.ins().select(short, k_dims[2], tiled);
+        let scale = self.b.ins().f64const(f64::from(attention.scale.0));
+        let constants = [
+            mask_kind,
+            static_mask,
+            window,
+            global,
+            i64::from(attention.tile_q),
+        ];
+        let [mask_kind, static_mask, window, global, tile_q] = constants.map(|c| self.iconst(c));
+        let fields: Vec<Value> = [inputs[0], inputs[1], inputs[2], out, mask, mask_kind]
+            .into_iter()
+            .chain(mask_strides)
+            .chain([
+                q_dims[0],
+                q_dims[1],
+                k_dims[1],
+                q_dims[2],
+                k_dims[2],
+                q_dims[3],
+                v_dims[3],
+                scale,
+                static_mask,
+                window,
+                global,
+                tile_q,
+                tile_k,
+            ])
+            .collect();
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            8 * fields.len() as u32,
+            3,
+        ));
+        for (i, &field) in fields.iter().enumerate() {
+            self.b
+                .ins()
+                .stack_store(types::I64, field, slot, 8 * i as i32);
+        }
+        let call = self.b.ins().stack_addr(types::I64, slot, 0);
+        let mut sig = self.module.make_signature();
+        sig.params.push(AbiParam::new(types::I64));
+        sig.returns.push(AbiParam::new(types::I64));
+        let callee = self
+            .module
+            .declare_function("kiln_attention", Linkage::Import, &sig)
+            .map_err(|e| e.to_string())?;
+        let fref = self.module.declare_func_in_func(callee, self.b.func);
+        let inst = self.b.ins().call(fref, &[call]);
+        let status = self.b.inst_results(inst)[0];
+        self.fail_if(status, ATTENTION_HEADS);
+        Ok(())
     }
 
     /// Rotary embedding of `[b, h, s, d]` at positions broadcast to `[b, s]`.

@@ -11,8 +11,6 @@ pub struct Plan {
     index: HashMap<NodeId, usize>,
     /// Offset and reserved bytes of each computed node.
     buffers: HashMap<NodeId, (usize, usize)>,
-    scratch_offset: usize,
-    scratch_bytes: usize,
     arena_bytes: usize,
     /// Matrix products whose right operand is a weight packed at compile time, in order.
     packed: Vec<PackedWeight>,
@@ -74,9 +72,6 @@ fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
 /// The largest arena a plan may reserve.
 pub const MAX_ARENA_BYTES: usize = 1 << 36;
 
-/// Scratch bytes per key an attention kernel needs: a score and a visibility flag, f32 each.
-pub const SCRATCH_BYTES_PER_KEY: usize = 8;
-
 /// Buffers start on cache-line boundaries.
 const ALIGN: usize = 64;
 
@@ -88,7 +83,6 @@ impl Plan {
         let maxima = graph.maxima();
         let mut buffers = HashMap::new();
         let mut arena_bytes = 0usize;
-        let mut scratch_bytes = 0usize;
         let mut aliases: HashMap<NodeId, NodeId> = HashMap::new();
         for &id in &order {
             let node = graph.node(id);
@@ -118,18 +112,11 @@ impl Plan {
                 })?;
             buffers.insert(id, (arena_bytes, bytes));
             arena_bytes = arena_bytes.saturating_add(bytes.div_ceil(ALIGN) * ALIGN);
-            if let Op::Attention(_) = node.op {
-                // Scores and visibility flags (f32 each) per key, shared by every attention node in turn.
-                let keys = upper(&graph.node(graph.operands(id)[1]).ty.shape.0[2])?;
-                scratch_bytes = scratch_bytes.max(keys.saturating_mul(SCRATCH_BYTES_PER_KEY));
-            }
         }
         let packed = order
             .iter()
             .filter_map(|&id| packed_weight(graph, id))
             .collect();
-        let scratch_offset = arena_bytes;
-        let arena_bytes = arena_bytes.saturating_add(scratch_bytes.div_ceil(ALIGN) * ALIGN);
         if arena_bytes > MAX_ARENA_BYTES {
             return Err(format!("the buffers need {arena_bytes} bytes at the symbols' maxima, more than {MAX_ARENA_BYTES}: lower the maxima with --shape"));
         }
@@ -137,8 +124,6 @@ impl Plan {
             order,
             index,
             buffers,
-            scratch_offset,
-            scratch_bytes,
             arena_bytes,
             packed,
             aliases,
@@ -165,21 +150,6 @@ impl Plan {
         self.buffers[&id].1
     }
 
-    /// Bytes of the scratch space.
-    pub fn scratch_bytes(&self) -> usize {
-        self.scratch_bytes
-    }
-
-    /// Arena offset of the scratch space kernels share (one at a time).
-    pub fn scratch_offset(&self) -> usize {
-        self.scratch_offset
-    }
-
-    /// The buffer-table slot of the scratch space: after every node's.
-    pub fn scratch_slot(&self) -> usize {
-        self.order.len()
-    }
-
     /// The node whose buffer `id` shares, when it owns none (a reshape of it).
     pub fn alias_of(&self, id: NodeId) -> Option<NodeId> {
         self.aliases.get(&id).copied()
@@ -190,13 +160,13 @@ impl Plan {
         &self.packed
     }
 
-    /// The buffer-table slot of the packed weight of product `id`, if it has one: after the
-    /// scratch slot, one per packed product.
+    /// The buffer-table slot of the packed weight of product `id`, if it has one: after every
+    /// node's slot, one per packed product.
     pub fn packed_slot(&self, id: NodeId) -> Option<usize> {
         self.packed
             .iter()
             .position(|p| p.product == id)
-            .map(|i| self.scratch_slot() + 1 + i)
+            .map(|i| self.order.len() + i)
     }
 
     /// Whether every use of `id` (a constant, or a transpose of one) reads a packed copy, so that

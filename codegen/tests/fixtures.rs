@@ -1,5 +1,6 @@
-//! The JIT and the AOT executable on every fixture model, against the references in
-//! `../shared/fixtures` with the tolerances the readers meet through the interpreter (issue #3).
+//! The JIT and the AOT executable on every fixture model after the default pass pipeline (every
+//! attention, norm and activation fused), against the references in `../shared/fixtures` with
+//! the tolerances the readers meet through the interpreter (issue #3).
 //! Both backends run the same kernels through the same runtime, so their outputs must also be
 //! identical to the bit, even with the JIT on one thread and the executable on three (parallel
 //! loops split whole tiles, rows and elements, never a sum).
@@ -24,8 +25,10 @@ struct Compiled {
 }
 
 impl Compiled {
-    /// Weights go external: real models would make three copies of an embedded blob.
+    /// Runs the default pipeline and compiles the result. Weights go external: real models
+    /// would make three copies of an embedded blob.
     fn new(graph: &Graph) -> Compiled {
+        let graph = &kiln_passes::Pipeline::default().run(graph).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let artifacts = aot::compile(graph, "model", WeightPlacement::External).unwrap();
         aot::link(&artifacts, dir.path()).unwrap();

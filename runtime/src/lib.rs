@@ -7,6 +7,7 @@
 //! portable, chosen once at start-up) and scalar math.
 #![warn(missing_docs)]
 
+mod attention;
 pub mod capi;
 mod exe;
 pub mod math;
@@ -17,14 +18,16 @@ pub mod spec;
 pub mod vector;
 pub mod weights;
 
+pub use attention::{kiln_attention, AttentionCall};
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
 pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, PANEL};
 pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 18] {
+pub fn symbols() -> [(&'static str, *const u8); 19] {
     [
+        ("kiln_attention", kiln_attention as *const u8),
         ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
         ("kiln_map_erf", vector::kiln_map_erf as *const u8),
         ("kiln_map_gelu", vector::kiln_map_gelu as *const u8),

@@ -296,8 +296,8 @@ pub const STATUS_INDEX_OUT_OF_RANGE: i32 = 2;
 pub const STATUS_EMPTY_AXIS: i32 = 3;
 /// Status: rope over an odd head dim.
 pub const STATUS_ODD_HEAD_DIM: i32 = 4;
-/// Status: a position outside a block-sparse layout.
-pub const STATUS_OUTSIDE_LAYOUT: i32 = 5;
+/// Status: attention query heads that do not split evenly over the key/value heads.
+pub const STATUS_ATTENTION_HEADS: i32 = 5;
 
 /// The message of a kernel's non-zero status.
 pub fn status_message(status: i32) -> String {
@@ -306,8 +306,8 @@ pub fn status_message(status: i32) -> String {
         STATUS_INDEX_OUT_OF_RANGE => "gather index out of range".into(),
         STATUS_EMPTY_AXIS => "arg_max/arg_min over an empty axis".into(),
         STATUS_ODD_HEAD_DIM => "rope head_dim must be even".into(),
-        STATUS_OUTSIDE_LAYOUT => {
-            "block_sparse layout has no tile for a query or key position".into()
+        STATUS_ATTENTION_HEADS => {
+            "attention query heads are not a multiple of the key/value heads".into()
         }
         other => format!("kernel failed with status {other}"),
     }

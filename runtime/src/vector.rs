@@ -230,7 +230,7 @@ const PARALLEL_ELEMENTS: usize = 1 << 14;
 
 /// Runs `body` over `0..items` split into one contiguous range per thread of the run's team
 /// (`elements` is the work, for deciding whether to split at all).
-fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+pub(crate) fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     let threads = crate::pool::current_threads().min(items);
     if threads < 2 || elements < PARALLEL_ELEMENTS {
         return body(0..items);
@@ -316,8 +316,23 @@ map_functions! {
     kiln_map_gelu_tanh => Function::GeluTanh, "gelu_tanh(x[i])";
 }
 
+/// `x[j] = e^(x[j] - shift)` in place; returns the sum of the results.
+pub(crate) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { x86::exp_shifted_in_place(x, shift) };
+    }
+    x.iter_mut()
+        .map(|v| {
+            *v = exp(*v - shift);
+            *v
+        })
+        .sum()
+}
+
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
 }
@@ -496,6 +511,25 @@ mod x86 {
     }
 
     /// # Safety
+    /// As [`super::exp_shifted_in_place`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
+        let mut total = _mm512_setzero_ps();
+        let len = x.len();
+        for start in (0..len).step_by(16) {
+            let lanes = mask(len - start);
+            // SAFETY: the masked lanes lie within the slice.
+            let v = unsafe {
+                _mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), lanes, x.as_ptr().add(start))
+            };
+            let e = exp16(_mm512_sub_ps(v, splat(shift)));
+            // SAFETY: as above.
+            unsafe { _mm512_mask_storeu_ps(x.as_mut_ptr().add(start), lanes, e) };
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
+        }
+        _mm512_reduce_add_ps(total)
+    }
+
     /// As [`super::kiln_softmax_rows`], on a CPU with AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_rows(rows: usize, len: usize, x: *const f32, y: *mut f32) {

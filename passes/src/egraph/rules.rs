@@ -1,0 +1,571 @@
+//! Rewrite rules. Canonicalizing rules make the spellings of different exporters meet; fusion
+//! rules recognize each fused op in every spelling that survives canonicalization. Patterns are
+//! generated from their parts (scale by multiplication or none, additive or boolean mask, the
+//! operand orders of commutative ops), and appliers check values and types before adding the
+//! fused node, so a match that would change the result is never applied.
+
+use super::lang::{EGraph, OpLabel, ScalarLeaf, TensorLang, TypeAnalysis};
+use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Var};
+use kiln_ir::ops::{Attention, BinaryOp, MaskSpec, UnaryOp};
+use kiln_ir::{DType, Op, F32};
+use std::sync::Arc;
+
+type Rule = Rewrite<TensorLang, TypeAnalysis>;
+
+/// Default tile sizes of fused attention; the codegen rule picks the kernel per shape.
+pub const TILE_Q: u32 = 32;
+/// See [`TILE_Q`].
+pub const TILE_K: u32 = 64;
+
+fn var(name: &str) -> Var {
+    name.parse().expect("a valid pattern variable")
+}
+
+fn pattern(text: &str) -> Pattern<TensorLang> {
+    text.parse()
+        .unwrap_or_else(|e| panic!("rule pattern `{text}` does not parse: {e}"))
+}
+
+/// The value of a scalar e-class.
+fn scalar(egraph: &EGraph, id: Id) -> Option<f32> {
+    egraph[id].data.scalar
+}
+
+fn close(value: f32, expected: f64) -> bool {
+    (f64::from(value) - expected).abs() <= 1e-6 * expected.abs().max(1.0)
+}
+
+/// Adds `enode` and merges it into `class` if its type equals the class's; returns the merged
+/// class, or nothing when the types disagree.
+fn add_checked(egraph: &mut EGraph, class: Id, enode: TensorLang) -> Vec<Id> {
+    let added = egraph.add(enode);
+    let same = match (&egraph[added].data.ty, &egraph[class].data.ty) {
+        (Some(a), Some(b)) => a.equiv(b),
+        _ => false,
+    };
+    if same && egraph.union(class, added) {
+        vec![added]
+    } else {
+        vec![]
+    }
+}
+
+fn op(op: Op, children: Vec<Id>) -> TensorLang {
+    TensorLang::Op(OpLabel::new(op), children)
+}
+
+/// A rule whose applier is Rust code.
+fn rule(
+    name: &str,
+    lhs: &str,
+    applier: impl Applier<TensorLang, TypeAnalysis> + Send + Sync + 'static,
+) -> Rule {
+    Rewrite::new(name, pattern(lhs), applier).unwrap_or_else(|e| panic!("rule `{name}`: {e}"))
+}
+
+/// `x / c` as `x * (1/c)` for a finite non-zero scalar `c`, so that scale folding and fusion see
+/// one form.
+struct DivisionByConstant;
+
+impl Applier<TensorLang, TypeAnalysis> for DivisionByConstant {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let (x, c) = (subst[var("?x")], subst[var("?c")]);
+        let (Some(value), Some(ty)) = (scalar(egraph, c), egraph[c].data.ty.clone()) else {
+            return vec![];
+        };
+        let inverse = 1.0 / value;
+        if value == 0.0 || !inverse.is_finite() || ty.dtype != DType::F32 {
+            return vec![];
+        }
+        let leaf = egraph.add(TensorLang::Scalar(ScalarLeaf::new(
+            inverse,
+            ty.rank() as u8,
+        )));
+        if egraph[leaf].data.ty.as_ref() != Some(&ty) {
+            return vec![];
+        }
+        add_checked(egraph, class, op(Op::Binary(BinaryOp::Mul), vec![x, leaf]))
+    }
+}
+
+/// `(a * s) @ (b * t)` as `(a @ b) * (s t)` for scalars `s` and `t`: exporters of scaled
+/// dot-product attention scale the query and the key by `sqrt(scale)` each. (A one-sided scale
+/// stays where it is: hoisting it would pull GELU's factor 0.5 past the next projection.)
+struct HoistScales;
+
+impl Applier<TensorLang, TypeAnalysis> for HoistScales {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let Some(folded) = scalar_product(egraph, subst[var("?s")], subst[var("?t")]) else {
+            return vec![];
+        };
+        let product = egraph.add(op(Op::MatMul, vec![subst[var("?a")], subst[var("?b")]]));
+        add_checked(
+            egraph,
+            class,
+            op(Op::Binary(BinaryOp::Mul), vec![product, folded]),
+        )
+    }
+}
+
+/// A scalar leaf holding `s * t`, of the larger rank of the two.
+fn scalar_product(egraph: &mut EGraph, s: Id, t: Id) -> Option<Id> {
+    let value = scalar(egraph, s)? * scalar(egraph, t)?;
+    let rank = [s, t]
+        .iter()
+        .filter_map(|&c| egraph[c].data.ty.as_ref().map(|t| t.rank()))
+        .max()
+        .unwrap_or(0);
+    Some(egraph.add(TensorLang::Scalar(ScalarLeaf::new(value, rank as u8))))
+}
+
+/// `(x * s) * t` as `x * (s t)` for scalars `s` and `t`.
+struct FoldScales;
+
+impl Applier<TensorLang, TypeAnalysis> for FoldScales {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let Some(folded) = scalar_product(egraph, subst[var("?s")], subst[var("?t")]) else {
+            return vec![];
+        };
+        add_checked(
+            egraph,
+            class,
+            op(Op::Binary(BinaryOp::Mul), vec![subst[var("?x")], folded]),
+        )
+    }
+}
+
+/// The canonicalizing rules.
+pub fn canonical() -> Vec<Rule> {
+    vec![
+        rule("div-by-constant", "(div ?x ?c)", DivisionByConstant),
+        rule(
+            "hoist-scales",
+            "(matmul (mul ?a ?s) (mul ?b ?t))",
+            HoistScales,
+        ),
+        rule("fold-scales", "(mul (mul ?x ?s) ?t)", FoldScales),
+        // Exporters transpose keys straight from [b, s, h, d] to [b, h, d, s]; attention wants the
+        // head split [b, h, s, d] and a transpose of its last two axes.
+        Rewrite::new(
+            "split-key-transpose",
+            pattern("(transpose{perm=[0,2,3,1]} ?x)"),
+            pattern("(transpose{perm=[0,1,3,2]} (transpose{perm=[0,2,1,3]} ?x))"),
+        )
+        .expect("valid rule"),
+    ]
+}
+
+/// How a spelling of attention scales its scores.
+#[derive(Clone, Copy)]
+enum ScaleSite {
+    /// `scores * s` or `s * scores`.
+    Scores,
+    /// No scale (the model folded it into the query weights).
+    Unscaled,
+}
+
+/// How it masks them.
+#[derive(Clone, Copy)]
+enum MaskSite {
+    /// `scores + mask` (either order).
+    Additive,
+    /// `where(keep, scores, very negative)`.
+    Keep,
+    /// `scores + where(keep, 0, very negative)` (either order).
+    KeepAdditive,
+    /// Nothing.
+    Unmasked,
+}
+
+/// Fuses `softmax(scale * q @ k^T + mask) @ v` into `attention`.
+struct FuseAttention {
+    scaled: bool,
+    mask: MaskSite,
+    /// The probabilities pass through `where(isnan(p), 0, p)` (PyTorch's SDPA export), which
+    /// zeroes fully masked rows as the fused op does.
+    nan_guard: bool,
+}
+
+impl Applier<TensorLang, TypeAnalysis> for FuseAttention {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let scale = if self.scaled {
+            match scalar(egraph, subst[var("?s")]) {
+                Some(s) if s.is_finite() => s,
+                _ => return vec![],
+            }
+        } else {
+            1.0
+        };
+        let is_zero = |name: &str| scalar(egraph, subst[var(name)]) == Some(0.0);
+        if self.nan_guard && !is_zero("?guard_zero") {
+            return vec![];
+        }
+        let mut children = vec![subst[var("?q")], subst[var("?k")], subst[var("?v")]];
+        match self.mask {
+            MaskSite::Additive => children.push(subst[var("?mask")]),
+            MaskSite::Keep | MaskSite::KeepAdditive => {
+                let fill = scalar(egraph, subst[var("?fill")]);
+                // Softmax gives a key scored f32::MIN (or -inf) exactly zero weight unless every
+                // key of the row is masked. Such a row (a padding query) is the one difference:
+                // exporters give it NaN or the mean of the values, the fused op zeros, as the
+                // NaN-guarded spelling does.
+                if !fill.is_some_and(|f| f <= -1e30) {
+                    return vec![];
+                }
+                if matches!(self.mask, MaskSite::KeepAdditive) && !is_zero("?zero") {
+                    return vec![];
+                }
+                let keep = subst[var("?keep")];
+                if egraph[keep].data.ty.as_ref().map(|t| t.dtype) != Some(DType::Bool) {
+                    return vec![];
+                }
+                children.push(keep);
+            }
+            MaskSite::Unmasked => {}
+        }
+        let fused = Op::Attention(Attention {
+            scale: F32(scale),
+            mask: MaskSpec::Dense,
+            tile_q: TILE_Q,
+            tile_k: TILE_K,
+        });
+        add_checked(egraph, class, op(fused, children))
+    }
+}
+
+fn attention_rules() -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let product = "(matmul ?q (transpose{perm=[0,1,3,2]} ?k))";
+    for scale in [ScaleSite::Scores, ScaleSite::Unscaled] {
+        let scaled: Vec<String> = match scale {
+            ScaleSite::Scores => vec![format!("(mul {product} ?s)"), format!("(mul ?s {product})")],
+            ScaleSite::Unscaled => vec![product.to_string()],
+        };
+        for mask in [
+            MaskSite::Additive,
+            MaskSite::Keep,
+            MaskSite::KeepAdditive,
+            MaskSite::Unmasked,
+        ] {
+            let masked: Vec<String> = scaled
+                .iter()
+                .flat_map(|s| match mask {
+                    MaskSite::Additive => {
+                        vec![format!("(add {s} ?mask)"), format!("(add ?mask {s})")]
+                    }
+                    MaskSite::Keep => vec![format!("(where ?keep {s} ?fill)")],
+                    MaskSite::KeepAdditive => {
+                        let bias = "(where ?keep ?zero ?fill)";
+                        vec![format!("(add {s} {bias})"), format!("(add {bias} {s})")]
+                    }
+                    MaskSite::Unmasked => vec![s.clone()],
+                })
+                .collect();
+            for (i, scores) in masked.iter().enumerate() {
+                for nan_guard in [false, true] {
+                    let probs = format!("(softmax{{axis=-1}} {scores})");
+                    let probs = if nan_guard {
+                        format!("(where (not (equal {probs} {probs})) ?guard_zero {probs})")
+                    } else {
+                        probs
+                    };
+                    let name = format!(
+                        "fuse-attention-{}-{}{}-{i}",
+                        match scale {
+                            ScaleSite::Scores => "scaled",
+                            ScaleSite::Unscaled => "unscaled",
+                        },
+                        match mask {
+                            MaskSite::Additive => "additive",
+                            MaskSite::Keep => "keep",
+                            MaskSite::KeepAdditive => "keep-additive",
+                            MaskSite::Unmasked => "unmasked",
+                        },
+                        if nan_guard { "-guarded" } else { "" }
+                    );
+                    rules.push(rule(
+                        &name,
+                        &format!("(matmul {probs} ?v)"),
+                        FuseAttention {
+                            scaled: matches!(scale, ScaleSite::Scores),
+                            mask,
+                            nan_guard,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    rules
+}
+
+/// Replaces the matched class by `unary(?x)` when the scalars named in `checks` have the
+/// expected values.
+struct FuseUnary {
+    unary: UnaryOp,
+    checks: Arc<[(&'static str, f64)]>,
+}
+
+impl Applier<TensorLang, TypeAnalysis> for FuseUnary {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let values_match = self.checks.iter().all(|(name, expected)| {
+            scalar(egraph, subst[var(name)]).is_some_and(|v| close(v, *expected))
+        });
+        if !values_match {
+            return vec![];
+        }
+        add_checked(
+            egraph,
+            class,
+            op(Op::Unary(self.unary), vec![subst[var("?x")]]),
+        )
+    }
+}
+
+/// Every way of writing the product of three factors `a * b * c` as two binary multiplications.
+fn products_of_three(a: &str, b: &str, c: &str) -> Vec<String> {
+    let mut forms = Vec::new();
+    for (x, y, z) in [(a, b, c), (a, c, b), (b, c, a)] {
+        // (x * y) * z in both operand orders at both levels.
+        for inner in [format!("(mul {x} {y})"), format!("(mul {y} {x})")] {
+            forms.push(format!("(mul {inner} {z})"));
+            forms.push(format!("(mul {z} {inner})"));
+        }
+    }
+    forms
+}
+
+fn activation_rules() -> Vec<Rule> {
+    let mut rules = Vec::new();
+    // GELU, erf form: x * 0.5 * (1 + erf(x / sqrt 2)); the division is canonical as a product.
+    let erf_terms = [
+        "(add (erf (mul ?x ?r)) ?one)",
+        "(add ?one (erf (mul ?x ?r)))",
+    ];
+    let erf_checks: Arc<[(&str, f64)]> = Arc::from(vec![
+        ("?r", std::f64::consts::FRAC_1_SQRT_2),
+        ("?one", 1.0),
+        ("?half", 0.5),
+    ]);
+    for (t, term) in erf_terms.iter().enumerate() {
+        for (i, form) in products_of_three("?x", "?half", term).iter().enumerate() {
+            rules.push(rule(
+                &format!("fuse-gelu-erf-{t}-{i}"),
+                form,
+                FuseUnary {
+                    unary: UnaryOp::Gelu,
+                    checks: erf_checks.clone(),
+                },
+            ));
+        }
+    }
+    // GELU, tanh form: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
+    let cube_forms = [
+        "(pow ?x ?three)",
+        "(mul ?x (mul ?x ?x))",
+        "(mul (mul ?x ?x) ?x)",
+    ];
+    let tanh_checks: Arc<[(&str, f64)]> = Arc::from(vec![
+        ("?c", (2.0 / std::f64::consts::PI).sqrt()),
+        ("?a", 0.044715),
+        ("?one", 1.0),
+        ("?half", 0.5),
+        ("?three", 3.0),
+    ]);
+    let mut n = 0;
+    for cube in cube_forms {
+        for inner in [
+            format!("(add ?x (mul {cube} ?a))"),
+            format!("(add ?x (mul ?a {cube}))"),
+        ] {
+            for scaled in [format!("(mul {inner} ?c)"), format!("(mul ?c {inner})")] {
+                let term = format!("(add (tanh {scaled}) ?one)");
+                for form in products_of_three("?x", "?half", &term) {
+                    let checks: Arc<[(&str, f64)]> = if cube.starts_with("(pow") {
+                        tanh_checks.clone()
+                    } else {
+                        Arc::from(&tanh_checks[..4])
+                    };
+                    rules.push(rule(
+                        &format!("fuse-gelu-tanh-{n}"),
+                        &form,
+                        FuseUnary {
+                            unary: UnaryOp::GeluTanh,
+                            checks,
+                        },
+                    ));
+                    n += 1;
+                }
+            }
+        }
+    }
+    // SiLU: x * sigmoid(x).
+    for (i, form) in ["(mul ?x (sigmoid ?x))", "(mul (sigmoid ?x) ?x)"]
+        .iter()
+        .enumerate()
+    {
+        rules.push(rule(
+            &format!("fuse-silu-{i}"),
+            form,
+            FuseUnary {
+                unary: UnaryOp::Silu,
+                checks: Arc::from(Vec::new()),
+            },
+        ));
+    }
+    rules
+}
+
+/// Fuses a decomposed layer norm over the last axis.
+struct FuseLayerNorm {
+    bias: bool,
+}
+
+impl Applier<TensorLang, TypeAnalysis> for FuseLayerNorm {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let two = scalar(egraph, subst[var("?two")]);
+        let eps = scalar(egraph, subst[var("?eps")]);
+        let (Some(two), Some(eps)) = (two, eps) else {
+            return vec![];
+        };
+        if two != 2.0 || eps.is_nan() || eps < 0.0 {
+            return vec![];
+        }
+        let mut children = vec![subst[var("?x")], subst[var("?gamma")]];
+        if self.bias {
+            children.push(subst[var("?beta")]);
+        }
+        let norm = Op::LayerNorm {
+            axis: -1,
+            eps: F32(eps),
+        };
+        add_checked(egraph, class, op(norm, children))
+    }
+}
+
+/// Fuses a decomposed RMS norm.
+struct FuseRmsNorm;
+
+impl Applier<TensorLang, TypeAnalysis> for FuseRmsNorm {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let two = scalar(egraph, subst[var("?two")]);
+        let eps = scalar(egraph, subst[var("?eps")]);
+        let (Some(2.0), Some(eps)) = (two, eps) else {
+            return vec![];
+        };
+        if eps.is_nan() || eps < 0.0 {
+            return vec![];
+        }
+        let norm = Op::RmsNorm { eps: F32(eps) };
+        add_checked(
+            egraph,
+            class,
+            op(norm, vec![subst[var("?x")], subst[var("?gamma")]]),
+        )
+    }
+}
+
+fn norm_rules() -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let mean = "reduce_mean{axes=[-1],keep_dims=true}";
+    let centered = format!("(sub ?x ({mean} ?x))");
+    let variance = format!("({mean} (pow {centered} ?two))");
+    let stddev = format!("(sqrt (add {variance} ?eps))");
+    let normalized = [
+        format!("(div {centered} {stddev})"),
+        format!("(mul {centered} (reciprocal {stddev}))"),
+    ];
+    let mut n = 0;
+    for norm in &normalized {
+        for scaled in [
+            format!("(mul {norm} ?gamma)"),
+            format!("(mul ?gamma {norm})"),
+        ] {
+            for shifted in [
+                format!("(add {scaled} ?beta)"),
+                format!("(add ?beta {scaled})"),
+            ] {
+                rules.push(rule(
+                    &format!("fuse-layer-norm-{n}"),
+                    &shifted,
+                    FuseLayerNorm { bias: true },
+                ));
+                n += 1;
+            }
+        }
+    }
+    let rms = format!("(sqrt (add ({mean} (pow ?x ?two)) ?eps))");
+    let normalized = [
+        format!("(div ?x {rms})"),
+        format!("(mul ?x (reciprocal {rms}))"),
+        format!("(mul (reciprocal {rms}) ?x)"),
+    ];
+    let mut n = 0;
+    for norm in &normalized {
+        for form in [
+            format!("(mul {norm} ?gamma)"),
+            format!("(mul ?gamma {norm})"),
+        ] {
+            rules.push(rule(&format!("fuse-rms-norm-{n}"), &form, FuseRmsNorm));
+            n += 1;
+        }
+    }
+    rules
+}
+
+/// The fusion rules.
+pub fn fusion() -> Vec<Rule> {
+    let mut rules = attention_rules();
+    rules.extend(activation_rules());
+    rules.extend(norm_rules());
+    rules
+}

@@ -1,0 +1,313 @@
+//! Fused scaled dot-product attention: `softmax(scale * q @ k^T + mask) @ v` per batch and
+//! head, with grouped key/value heads, a static mask and an optional run-time mask.
+//!
+//! Work is split into (batch, head, query tile) items over the run's threads. Each item walks
+//! the keys in tiles with an online softmax (FlashAttention-2): a running maximum and sum per
+//! query row, the accumulators rescaled when the maximum grows, so scores never exist beyond
+//! one tile. With one tile covering every key this is the materialized lowering. Key tiles the
+//! static mask hides from every row of the item are never visited.
+
+use crate::vector;
+
+/// The static masks of [`AttentionCall::static_mask`] other than dense (0).
+const CAUSAL: i64 = 1;
+const SLIDING_WINDOW: i64 = 2;
+const GLOBAL_LOCAL: i64 = 3;
+
+/// The run-time mask kinds of [`AttentionCall::mask_kind`].
+const NO_MASK: i64 = 0;
+const KEEP_MASK: i64 = 1;
+const ADDITIVE_MASK: i64 = 2;
+
+/// One attention call as generated code lays it out: 8-byte fields in this order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionCall {
+    /// `[batch, heads, sq, d]`.
+    pub q: *const f32,
+    /// `[batch, kv_heads, sk, d]`.
+    pub k: *const f32,
+    /// `[batch, kv_heads, sk, dv]`.
+    pub v: *const f32,
+    /// `[batch, heads, sq, dv]`.
+    pub out: *mut f32,
+    /// The run-time mask, or null: bytes (non-zero keeps) or f32 added to the scores.
+    pub mask: *const u8,
+    /// 0 none, 1 keep (bool bytes), 2 additive (f32).
+    pub mask_kind: i64,
+    /// Element strides of the mask along batch, head, query and key (0 where it broadcasts).
+    pub mask_strides: [i64; 4],
+    /// Batch size.
+    pub batch: i64,
+    /// Query heads.
+    pub heads: i64,
+    /// Key/value heads; divides `heads`.
+    pub kv_heads: i64,
+    /// Queries.
+    pub sq: i64,
+    /// Keys.
+    pub sk: i64,
+    /// Query/key head dim.
+    pub d: i64,
+    /// Value head dim.
+    pub dv: i64,
+    /// Multiplies the scores.
+    pub scale: f64,
+    /// 0 dense, 1 causal, 2 sliding window, 3 global + local.
+    pub static_mask: i64,
+    /// The window of masks 2 and 3.
+    pub window: i64,
+    /// The global tokens of mask 3.
+    pub global: i64,
+    /// Query rows per item.
+    pub tile_q: i64,
+    /// Keys per tile; `sk` or more gives the materialized lowering.
+    pub tile_k: i64,
+}
+
+// SAFETY: the pointers are only read (q, k, v, mask) or written at disjoint rows (out) by the
+// items, as the caller's contract promises.
+unsafe impl Sync for AttentionCall {}
+
+/// Dims as usize, after the checks the kernel relies on.
+struct Dims {
+    batch: usize,
+    heads: usize,
+    group: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    dv: usize,
+    tile_q: usize,
+    tile_k: usize,
+}
+
+impl AttentionCall {
+    fn dims(&self) -> Option<Dims> {
+        let size = |v: i64| usize::try_from(v).ok();
+        let kv_heads = size(self.kv_heads).filter(|&h| h > 0)?;
+        let heads = size(self.heads)?;
+        if heads % kv_heads != 0 {
+            return None;
+        }
+        Some(Dims {
+            batch: size(self.batch)?,
+            heads,
+            group: heads / kv_heads,
+            sq: size(self.sq)?,
+            sk: size(self.sk)?,
+            d: size(self.d)?,
+            dv: size(self.dv)?,
+            tile_q: size(self.tile_q)?.max(1),
+            tile_k: size(self.tile_k)?.max(1),
+        })
+    }
+
+    /// Whether the static mask lets absolute position `pos` see key `key`.
+    fn allows(&self, pos: i64, key: i64) -> bool {
+        match self.static_mask {
+            CAUSAL => key <= pos,
+            SLIDING_WINDOW => key <= pos && pos < key + self.window,
+            GLOBAL_LOCAL => {
+                pos < self.global || key < self.global || (pos - key).abs() < self.window
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether no position in `rows` sees any key in `keys` (only decided for the masks whose
+    /// visible keys form one band per row).
+    fn hides_tile(&self, rows: (i64, i64), keys: (i64, i64)) -> bool {
+        match self.static_mask {
+            CAUSAL => keys.0 > rows.1,
+            SLIDING_WINDOW => keys.0 > rows.1 || keys.1 + self.window <= rows.0,
+            _ => false,
+        }
+    }
+}
+
+/// Computes one attention call.
+///
+/// # Safety
+/// The pointers must address buffers of the dims given (the mask through its strides), `out`
+/// not overlapping the others. Returns 0, or 1 when the dims are inconsistent (nothing written).
+#[no_mangle]
+pub unsafe extern "C" fn kiln_attention(call: *const AttentionCall) -> i64 {
+    // SAFETY: the caller passes a valid call description.
+    let call = unsafe { &*call };
+    let Some(dims) = call.dims() else {
+        return 1;
+    };
+    let q_tiles = dims.sq.div_ceil(dims.tile_q);
+    let items = dims.batch * dims.heads * q_tiles;
+    let work = dims.batch * dims.heads * dims.sq * dims.sk * (dims.d + dims.dv);
+    let dims = &dims;
+    crate::vector::split(items, work, &|range| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            for item in range {
+                // SAFETY: the call's buffers as the caller promised; items write disjoint rows.
+                unsafe { run_item(call, dims, item, q_tiles, scratch) };
+            }
+        })
+    });
+    0
+}
+
+thread_local! {
+    /// Per-thread tiles, grown to the largest call seen and then reused.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+unsafe fn run_item(
+    call: &AttentionCall,
+    dims: &Dims,
+    item: usize,
+    q_tiles: usize,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::vector::avx512() {
+        // SAFETY: the CPU has AVX-512F; the caller's contract as above.
+        return unsafe { item_avx512(call, dims, item, q_tiles, scratch) };
+    }
+    // SAFETY: as above.
+    unsafe { item_body(call, dims, item, q_tiles, scratch) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn item_avx512(
+    call: &AttentionCall,
+    dims: &Dims,
+    item: usize,
+    q_tiles: usize,
+    scratch: &mut Vec<f32>,
+) {
+    // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX-512.
+    unsafe { item_body(call, dims, item, q_tiles, scratch) }
+}
+
+/// One (batch, head, query tile) item with the online softmax over key tiles.
+#[inline(always)]
+unsafe fn item_body(
+    call: &AttentionCall,
+    dims: &Dims,
+    item: usize,
+    q_tiles: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let Dims {
+        heads,
+        group,
+        sq,
+        sk,
+        d,
+        dv,
+        tile_q,
+        tile_k,
+        ..
+    } = *dims;
+    let tile_k = tile_k.min(sk.max(1));
+    let (bh, qt) = (item / q_tiles, item % q_tiles);
+    let (bi, hi) = (bh / heads, bh % heads);
+    let kv = bi * (heads / group) + hi / group;
+    let rows = qt * tile_q..((qt + 1) * tile_q).min(sq);
+    let offset = sk as i64 - sq as i64;
+    let need = tile_q * (dv + 2) + d * tile_k + tile_k;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (acc, rest) = scratch.split_at_mut(tile_q * dv);
+    let (running, rest) = rest.split_at_mut(2 * tile_q);
+    let (max, sum) = running.split_at_mut(tile_q);
+    let (keys_t, rest) = rest.split_at_mut(d * tile_k);
+    let scores = &mut rest[..tile_k];
+    acc[..rows.len() * dv].fill(0.0);
+    max.fill(f32::NEG_INFINITY);
+    sum.fill(0.0);
+    // SAFETY (whole function): offsets stay inside the buffers of the dims given.
+    let q = unsafe { std::slice::from_raw_parts(call.q.add((bh * sq) * d), sq * d) };
+    let k = unsafe { std::slice::from_raw_parts(call.k.add(kv * sk * d), sk * d) };
+    let v = unsafe { std::slice::from_raw_parts(call.v.add(kv * sk * dv), sk * dv) };
+    let scale = call.scale as f32;
+    let first_pos = rows.start as i64 + offset;
+    let last_pos = rows.end as i64 - 1 + offset;
+    for j0 in (0..sk).step_by(tile_k) {
+        let j1 = (j0 + tile_k).min(sk);
+        let width = j1 - j0;
+        if call.hides_tile((first_pos, last_pos), (j0 as i64, j1 as i64 - 1)) {
+            continue;
+        }
+        // Keys transposed to [d, width] so each score row is a sum of scaled key rows.
+        for (j, key) in k[j0 * d..j1 * d].chunks_exact(d).enumerate() {
+            for (c, &x) in key.iter().enumerate() {
+                keys_t[c * width + j] = x;
+            }
+        }
+        for (r, i) in rows.clone().enumerate() {
+            let pos = i as i64 + offset;
+            let s = &mut scores[..width];
+            s.fill(0.0);
+            for (c, &qc) in q[i * d..(i + 1) * d].iter().enumerate() {
+                for (sj, &kt) in s.iter_mut().zip(&keys_t[c * width..(c + 1) * width]) {
+                    *sj += qc * kt;
+                }
+            }
+            let mut tile_max = f32::NEG_INFINITY;
+            for (j, sj) in s.iter_mut().enumerate() {
+                let key = j0 + j;
+                let mut score = *sj * scale;
+                let mut visible = call.allows(pos, key as i64);
+                if call.mask_kind != NO_MASK {
+                    let at = call.mask_strides[0] * bi as i64
+                        + call.mask_strides[1] * hi as i64
+                        + call.mask_strides[2] * i as i64
+                        + call.mask_strides[3] * key as i64;
+                    if call.mask_kind == KEEP_MASK {
+                        // SAFETY: the mask covers every (b, h, i, j) through its strides.
+                        visible &= unsafe { *call.mask.offset(at as isize) } != 0;
+                    } else if call.mask_kind == ADDITIVE_MASK {
+                        // SAFETY: as above.
+                        score += unsafe { *(call.mask as *const f32).offset(at as isize) };
+                    }
+                }
+                *sj = if visible { score } else { f32::NEG_INFINITY };
+                tile_max = tile_max.max(*sj);
+            }
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let new_max = max[r].max(tile_max);
+            let tile_sum = vector::exp_shifted_in_place(s, new_max);
+            let row = &mut acc[r * dv..(r + 1) * dv];
+            if max[r] != new_max && max[r] != f32::NEG_INFINITY {
+                let correction = vector::exp(max[r] - new_max);
+                sum[r] *= correction;
+                row.iter_mut().for_each(|a| *a *= correction);
+            }
+            max[r] = new_max;
+            sum[r] += tile_sum;
+            for (j, &p) in s.iter().enumerate() {
+                if p != 0.0 {
+                    let value = &v[(j0 + j) * dv..(j0 + j + 1) * dv];
+                    for (a, &x) in row.iter_mut().zip(value) {
+                        *a += p * x;
+                    }
+                }
+            }
+        }
+    }
+    for (r, i) in rows.enumerate() {
+        // SAFETY: row i of this head of the output.
+        let out = unsafe { std::slice::from_raw_parts_mut(call.out.add((bh * sq + i) * dv), dv) };
+        let row = &acc[r * dv..(r + 1) * dv];
+        if sum[r] > 0.0 {
+            let inverse = 1.0 / sum[r];
+            for (o, &a) in out.iter_mut().zip(row) {
+                *o = a * inverse;
+            }
+        } else {
+            out.fill(0.0);
+        }
+    }
+}
