@@ -58,6 +58,8 @@ fn inspect_prints_the_graph_and_a_summary() {
     let result = kiln(&[
         "inspect",
         example("attention_block.kir").to_str().unwrap(),
+        "--passes",
+        "none",
         "--dim",
         "seq=16",
         "--dim",
@@ -82,8 +84,9 @@ fn inspect_prints_the_graph_and_a_summary() {
         example("attention_block.kir").to_str().unwrap(),
         "--json",
     ]);
+    // The fused graph: the attention's scores, scale, softmax and weighted sum are one node.
     let round_trip = kiln_ir::json::from_json(&String::from_utf8_lossy(&json.stdout)).unwrap();
-    assert_eq!(round_trip.len(), 38);
+    assert_eq!(round_trip.len(), 33);
 }
 
 fn expect_error(args: &[&str], needle: &str) {
@@ -236,7 +239,7 @@ fn bench_reports_costs_and_latency_quantiles() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("load: ") && stdout.contains("compile: "),
+        stdout.contains("load and passes: ") && stdout.contains("compile: "),
         "{stdout}"
     );
     assert!(
@@ -261,4 +264,51 @@ fn bench_reports_costs_and_latency_quantiles() {
         ],
         "--threads must be at least 1",
     );
+}
+
+#[test]
+fn inspect_reports_fusion_and_each_pass_byte_stably() {
+    let model = example("attention_block.kir");
+    let model = model.to_str().unwrap();
+    let report = kiln(&["inspect", model, "--report", "--json"]);
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let attention = &json["patterns"]["attention"];
+    assert_eq!(
+        (attention["sites"].as_u64(), attention["fused"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(attention["misses"].as_array().map(Vec::len), Some(0));
+    let unfused = kiln(&["inspect", model, "--report", "--disable-pass", "fuse"]);
+    let text = String::from_utf8_lossy(&unfused.stdout);
+    assert!(text.contains("attention  0 of 1 fused"), "{text}");
+    assert!(text.contains("not fused at %probs"), "{text}");
+    let diff = kiln(&["inspect", model, "--diff", "fuse"]);
+    let diff_text = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff_text.starts_with("--- before fuse\n+++ after fuse\n"),
+        "{diff_text}"
+    );
+    assert!(
+        diff_text.contains("\n+  %context = attention("),
+        "{diff_text}"
+    );
+    let each = kiln(&["inspect", model, "--after-each"]);
+    let each_text = String::from_utf8_lossy(&each.stdout);
+    for pass in ["dce", "canonicalize", "fuse", "cse"] {
+        assert!(
+            each_text.contains(&format!("\n# after pass {pass}\n")),
+            "{each_text}"
+        );
+    }
+    assert_eq!(
+        kiln(&["inspect", model, "--after-each"]).stdout,
+        each.stdout
+    );
+    let unknown = kiln(&["inspect", model, "--disable-pass", "fusion"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown pass `fusion`"));
 }

@@ -1,0 +1,255 @@
+//! Every rewrite rule on a hand-written graph, positive and negative: the IR after the default
+//! pipeline is snapshotted, and translation validation runs the interpreter on the graph before
+//! and after on random inputs (the passes are exact, up to rounding).
+
+use kiln_ir::{interp, text, Graph, Tensor};
+use kiln_passes::Pipeline;
+use std::collections::HashMap;
+
+/// Deterministic inputs in [-2, 2) (booleans alternate), at the symbols' maxima.
+fn inputs(graph: &Graph) -> HashMap<String, Tensor> {
+    let maxima = graph.maxima();
+    graph
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(n, &id)| {
+            let node = graph.node(id);
+            let shape = node.ty.shape.eval(&maxima).unwrap();
+            let numel: usize = shape.iter().product();
+            let tensor = if node.ty.dtype == kiln_ir::DType::Bool {
+                Tensor::from_bools(shape, (0..numel).map(|i| (i + n) % 3 != 0).collect())
+            } else {
+                let values = (0..numel)
+                    .map(|i| (((i * 37 + n * 11) % 101) as f64 / 101.0) * 4.0 - 2.0)
+                    .collect();
+                Tensor::from_f64s(node.ty.dtype, shape, values)
+            };
+            (node.name.clone(), tensor)
+        })
+        .collect()
+}
+
+/// Runs the pipeline, checks the result against the source with the interpreter, and returns
+/// its text.
+fn optimize(source: &str) -> String {
+    let graph = text::parse(source).unwrap();
+    let optimized = Pipeline::default().run(&graph).unwrap();
+    let feed = inputs(&graph);
+    let before = interp::run(&graph, &feed).unwrap();
+    let after = interp::run(&optimized, &feed).unwrap();
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        assert_eq!(a.shape(), b.shape(), "{name}");
+        let diff = a
+            .to_f64s()
+            .iter()
+            .zip(b.to_f64s())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff <= 1e-5,
+            "{name}: the pipeline changed the output by {diff}"
+        );
+    }
+    text::print(&optimized)
+}
+
+fn attention(scores: &str) -> String {
+    format!(
+        r#"graph "attention" {{
+  input %q : f32[1, 2, 8, 4]
+  input %k : f32[1, 2, 8, 4]
+  input %v : f32[1, 2, 8, 4]
+  input %mask : f32[1, 1, 1, 8]
+  input %keep : bool[1, 1, 8, 8]
+  %two = const "two" [2.0] : f32[]
+  %min = const "min" [-3.4028235e38] : f32[]
+  %zero = const "zero" [0.0] : f32[]
+  %ninf = const "ninf" [-inf] : f32[]
+  %k_t = transpose(%k) {{perm = [0, 1, 3, 2]}} : f32[1, 2, 4, 8]
+  %scores = matmul(%q, %k_t) : f32[1, 2, 8, 8]
+{scores}
+  %context = matmul(%probs, %v) : f32[1, 2, 8, 4]
+  output "context" = %context
+}}"#
+    )
+}
+
+#[test]
+fn attention_with_division_and_additive_mask() {
+    insta::assert_snapshot!(optimize(&attention(
+        "  %scaled = div(%scores, %two) : f32[1, 2, 8, 8]
+  %masked = add(%scaled, %mask) : f32[1, 2, 8, 8]
+  %probs = softmax(%masked) {axis = -1} : f32[1, 2, 8, 8]"
+    )));
+}
+
+#[test]
+fn attention_with_boolean_mask() {
+    insta::assert_snapshot!(optimize(&attention(
+        "  %masked = where(%keep, %scores, %min) : f32[1, 2, 8, 8]
+  %probs = softmax(%masked) {axis = 3} : f32[1, 2, 8, 8]"
+    )));
+}
+
+#[test]
+fn attention_with_sdpa_export_mask_and_nan_guard() {
+    insta::assert_snapshot!(optimize(&attention(
+        "  %bias = where(%keep, %zero, %ninf) : f32[1, 1, 8, 8]
+  %masked = add(%scores, %bias) : f32[1, 2, 8, 8]
+  %p = softmax(%masked) {axis = -1} : f32[1, 2, 8, 8]
+  %same = equal(%p, %p) : bool[1, 2, 8, 8]
+  %nan = not(%same) : bool[1, 2, 8, 8]
+  %probs = where(%nan, %zero, %p) : f32[1, 2, 8, 8]"
+    )));
+}
+
+#[test]
+fn attention_not_fused_when_softmax_is_not_over_keys() {
+    let fused = optimize(&attention(
+        "  %probs = softmax(%scores) {axis = 2} : f32[1, 2, 8, 8]",
+    ));
+    assert!(!fused.contains("attention("), "{fused}");
+    insta::assert_snapshot!(fused);
+}
+
+#[test]
+fn attention_not_fused_with_a_mask_fill_that_is_not_very_negative() {
+    let fused = optimize(&attention(
+        "  %masked = where(%keep, %scores, %two) : f32[1, 2, 8, 8]
+  %probs = softmax(%masked) {axis = -1} : f32[1, 2, 8, 8]",
+    ));
+    assert!(!fused.contains("attention("), "{fused}");
+}
+
+fn activation(body: &str) -> String {
+    format!(
+        r#"graph "activation" {{
+  input %x : f32[2, 8]
+  input %y : f32[2, 8]
+  %half = const "half" [0.5] : f32[]
+  %one = const "one" [1.0] : f32[]
+  %root2 = const "root2" [1.4142135] : f32[]
+{body}
+  output "out" = %out
+}}"#
+    )
+}
+
+#[test]
+fn gelu_erf_form() {
+    insta::assert_snapshot!(optimize(&activation(
+        "  %scaled = div(%x, %root2) : f32[2, 8]
+  %erf = erf(%scaled) : f32[2, 8]
+  %shifted = add(%erf, %one) : f32[2, 8]
+  %product = mul(%x, %shifted) : f32[2, 8]
+  %out = mul(%product, %half) : f32[2, 8]"
+    )));
+}
+
+#[test]
+fn gelu_not_fused_with_the_wrong_constant() {
+    let fused = optimize(&activation(
+        "  %scaled = div(%x, %root2) : f32[2, 8]
+  %erf = erf(%scaled) : f32[2, 8]
+  %shifted = add(%erf, %one) : f32[2, 8]
+  %product = mul(%x, %shifted) : f32[2, 8]
+  %out = mul(%product, %one) : f32[2, 8]",
+    ));
+    assert!(!fused.contains("gelu("), "{fused}");
+}
+
+#[test]
+fn silu_and_its_negative() {
+    insta::assert_snapshot!(optimize(&activation(
+        "  %gate = sigmoid(%x) : f32[2, 8]
+  %silu = mul(%x, %gate) : f32[2, 8]
+  %other = sigmoid(%y) : f32[2, 8]
+  %not_silu = mul(%x, %other) : f32[2, 8]
+  %out = add(%silu, %not_silu) : f32[2, 8]"
+    )));
+}
+
+#[test]
+fn layer_norm_decomposed() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "layer_norm" {
+  input %x : f32[2, 8]
+  %gamma = const "gamma" [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0] : f32[8]
+  %beta = const "beta" [0.5, 0.0, 0.5, 0.0, 0.5, 0.0, 0.5, 0.0] : f32[8]
+  %two = const "two" [2.0] : f32[]
+  %eps = const "eps" [1e-5] : f32[]
+  %mean = reduce_mean(%x) {axes = [1], keep_dims = true} : f32[2, 1]
+  %centered = sub(%x, %mean) : f32[2, 8]
+  %squared = pow(%centered, %two) : f32[2, 8]
+  %variance = reduce_mean(%squared) {axes = [-1], keep_dims = true} : f32[2, 1]
+  %shifted = add(%variance, %eps) : f32[2, 1]
+  %std = sqrt(%shifted) : f32[2, 1]
+  %normalized = div(%centered, %std) : f32[2, 8]
+  %scaled = mul(%normalized, %gamma) : f32[2, 8]
+  %out = add(%scaled, %beta) : f32[2, 8]
+  output "out" = %out
+}"#
+    ));
+}
+
+#[test]
+fn rms_norm_decomposed() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "rms_norm" {
+  input %x : f32[2, 8]
+  %gamma = const "gamma" [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0] : f32[8]
+  %two = const "two" [2.0] : f32[]
+  %eps = const "eps" [1e-6] : f32[]
+  %squared = pow(%x, %two) : f32[2, 8]
+  %mean = reduce_mean(%squared) {axes = [-1], keep_dims = true} : f32[2, 1]
+  %shifted = add(%mean, %eps) : f32[2, 1]
+  %rms = sqrt(%shifted) : f32[2, 1]
+  %inverse = reciprocal(%rms) : f32[2, 1]
+  %normalized = mul(%x, %inverse) : f32[2, 8]
+  %out = mul(%gamma, %normalized) : f32[2, 8]
+  output "out" = %out
+}"#
+    ));
+}
+
+#[test]
+fn rms_norm_not_fused_over_a_middle_axis() {
+    let fused = optimize(
+        r#"graph "rms_norm" {
+  input %x : f32[2, 8]
+  %gamma = const "gamma" [1.0, 2.0] : f32[2, 1]
+  %two = const "two" [2.0] : f32[]
+  %eps = const "eps" [1e-6] : f32[]
+  %squared = pow(%x, %two) : f32[2, 8]
+  %mean = reduce_mean(%squared) {axes = [0], keep_dims = true} : f32[1, 8]
+  %shifted = add(%mean, %eps) : f32[1, 8]
+  %rms = sqrt(%shifted) : f32[1, 8]
+  %normalized = div(%x, %rms) : f32[2, 8]
+  %out = mul(%normalized, %gamma) : f32[2, 8]
+  output "out" = %out
+}"#,
+    );
+    assert!(!fused.contains("rms_norm("), "{fused}");
+}
+
+#[test]
+fn scales_on_query_and_key_meet() {
+    insta::assert_snapshot!(optimize(&attention(
+        "  %root = const \"root\" [0.5] : f32[]
+  %q_scaled = mul(%q, %root) : f32[1, 2, 8, 4]
+  %k_scaled = mul(%k_t, %root) : f32[1, 2, 4, 8]
+  %both = matmul(%q_scaled, %k_scaled) : f32[1, 2, 8, 8]
+  %probs = softmax(%both) {axis = -1} : f32[1, 2, 8, 8]"
+    )));
+}
+
+#[test]
+fn division_by_a_constant_is_a_product() {
+    let graph = text::parse(&activation("  %out = div(%x, %root2) : f32[2, 8]")).unwrap();
+    let canonical = Pipeline::only(&["canonicalize".into()])
+        .unwrap()
+        .run(&graph)
+        .unwrap();
+    insta::assert_snapshot!(text::print(&canonical));
+}
