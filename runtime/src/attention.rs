@@ -166,9 +166,15 @@ unsafe fn run_item(
     scratch: &mut Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::vector::avx512() {
-        // SAFETY: the CPU has AVX-512F; the caller's contract as above.
-        return unsafe { item_avx512(call, dims, item, q_tiles, scratch) };
+    {
+        if crate::vector::avx512() {
+            // SAFETY: the CPU has AVX-512F; the caller's contract as above.
+            return unsafe { item_avx512(call, dims, item, q_tiles, scratch) };
+        }
+        if crate::vector::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; the caller's contract as above.
+            return unsafe { item_avx2(call, dims, item, q_tiles, scratch) };
+        }
     }
     // SAFETY: as above.
     unsafe { item_body(call, dims, item, q_tiles, scratch) }
@@ -187,7 +193,22 @@ unsafe fn item_avx512(
     unsafe { item_body(call, dims, item, q_tiles, scratch) }
 }
 
-/// One (batch, head, query tile) item with the online softmax over key tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn item_avx2(
+    call: &AttentionCall,
+    dims: &Dims,
+    item: usize,
+    q_tiles: usize,
+    scratch: &mut Vec<f32>,
+) {
+    // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX2.
+    unsafe { item_body(call, dims, item, q_tiles, scratch) }
+}
+
+/// One (batch, head, query tile) item with the online softmax over key tiles. Both products of
+/// a tile, scores `Q K^T` and the weighted values `P V`, are the runtime's matrix product (on
+/// this thread: items are already split over the team).
 #[inline(always)]
 unsafe fn item_body(
     call: &AttentionCall,
@@ -212,24 +233,27 @@ unsafe fn item_body(
     let (bi, hi) = (bh / heads, bh % heads);
     let kv = bi * (heads / group) + hi / group;
     let rows = qt * tile_q..((qt + 1) * tile_q).min(sq);
+    let n_rows = rows.len();
     let offset = sk as i64 - sq as i64;
-    let need = tile_q * (dv + 2) + d * tile_k + tile_k;
+    let need = tile_q * (2 * dv + 2) + d * tile_k + tile_q * tile_k;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
     let (acc, rest) = scratch.split_at_mut(tile_q * dv);
+    let (weighted, rest) = rest.split_at_mut(tile_q * dv);
     let (running, rest) = rest.split_at_mut(2 * tile_q);
     let (max, sum) = running.split_at_mut(tile_q);
     let (keys_t, rest) = rest.split_at_mut(d * tile_k);
-    let scores = &mut rest[..tile_k];
-    acc[..rows.len() * dv].fill(0.0);
+    let scores = &mut rest[..tile_q * tile_k];
+    acc[..n_rows * dv].fill(0.0);
     max.fill(f32::NEG_INFINITY);
     sum.fill(0.0);
     // SAFETY (whole function): offsets stay inside the buffers of the dims given.
-    let q = unsafe { std::slice::from_raw_parts(call.q.add((bh * sq) * d), sq * d) };
+    let q = unsafe { call.q.add((bh * sq + rows.start) * d) };
     let k = unsafe { std::slice::from_raw_parts(call.k.add(kv * sk * d), sk * d) };
-    let v = unsafe { std::slice::from_raw_parts(call.v.add(kv * sk * dv), sk * dv) };
+    let v = unsafe { call.v.add(kv * sk * dv) };
     let scale = call.scale as f32;
+    let masked = call.static_mask != 0 || call.mask_kind != NO_MASK;
     let first_pos = rows.start as i64 + offset;
     let last_pos = rows.end as i64 - 1 + offset;
     for j0 in (0..sk).step_by(tile_k) {
@@ -238,63 +262,55 @@ unsafe fn item_body(
         if call.hides_tile((first_pos, last_pos), (j0 as i64, j1 as i64 - 1)) {
             continue;
         }
-        // Keys transposed to [d, width] so each score row is a sum of scaled key rows.
+        // Keys transposed to [d, width]: the right operand of the score product.
         for (j, key) in k[j0 * d..j1 * d].chunks_exact(d).enumerate() {
             for (c, &x) in key.iter().enumerate() {
                 keys_t[c * width + j] = x;
             }
         }
+        let [m, n, kk] = [n_rows, width, d].map(|v| v as i64);
+        // SAFETY: the query rows, the transposed keys and the score tile at these strides.
+        unsafe { crate::kiln_sgemm(m, n, kk, q, kk, keys_t.as_ptr(), n, scores.as_mut_ptr(), n) };
         for (r, i) in rows.clone().enumerate() {
-            let pos = i as i64 + offset;
-            let s = &mut scores[..width];
-            s.fill(0.0);
-            for (c, &qc) in q[i * d..(i + 1) * d].iter().enumerate() {
-                for (sj, &kt) in s.iter_mut().zip(&keys_t[c * width..(c + 1) * width]) {
-                    *sj += qc * kt;
-                }
+            let s = &mut scores[r * width..(r + 1) * width];
+            s.iter_mut().for_each(|x| *x *= scale);
+            if masked {
+                apply_masks(call, s, (bi, hi, i), j0, i as i64 + offset);
             }
-            let mut tile_max = f32::NEG_INFINITY;
-            for (j, sj) in s.iter_mut().enumerate() {
-                let key = j0 + j;
-                let mut score = *sj * scale;
-                let mut visible = call.allows(pos, key as i64);
-                if call.mask_kind != NO_MASK {
-                    let at = call.mask_strides[0] * bi as i64
-                        + call.mask_strides[1] * hi as i64
-                        + call.mask_strides[2] * i as i64
-                        + call.mask_strides[3] * key as i64;
-                    if call.mask_kind == KEEP_MASK {
-                        // SAFETY: the mask covers every (b, h, i, j) through its strides.
-                        visible &= unsafe { *call.mask.offset(at as isize) } != 0;
-                    } else if call.mask_kind == ADDITIVE_MASK {
-                        // SAFETY: as above.
-                        score += unsafe { *(call.mask as *const f32).offset(at as isize) };
-                    }
-                }
-                *sj = if visible { score } else { f32::NEG_INFINITY };
-                tile_max = tile_max.max(*sj);
-            }
+            let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             if tile_max == f32::NEG_INFINITY {
+                s.fill(0.0);
                 continue;
             }
             let new_max = max[r].max(tile_max);
             let tile_sum = vector::exp_shifted_in_place(s, new_max);
-            let row = &mut acc[r * dv..(r + 1) * dv];
             if max[r] != new_max && max[r] != f32::NEG_INFINITY {
                 let correction = vector::exp(max[r] - new_max);
                 sum[r] *= correction;
-                row.iter_mut().for_each(|a| *a *= correction);
+                acc[r * dv..(r + 1) * dv]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
             }
             max[r] = new_max;
             sum[r] += tile_sum;
-            for (j, &p) in s.iter().enumerate() {
-                if p != 0.0 {
-                    let value = &v[(j0 + j) * dv..(j0 + j + 1) * dv];
-                    for (a, &x) in row.iter_mut().zip(value) {
-                        *a += p * x;
-                    }
-                }
-            }
+        }
+        let [m, n, kk] = [n_rows, dv, width].map(|v| v as i64);
+        // SAFETY: the probabilities, this tile's value rows and the product tile.
+        unsafe {
+            crate::kiln_sgemm(
+                m,
+                n,
+                kk,
+                scores.as_ptr(),
+                kk,
+                v.add(j0 * dv),
+                n,
+                weighted.as_mut_ptr(),
+                n,
+            )
+        };
+        for (a, &w) in acc[..n_rows * dv].iter_mut().zip(&weighted[..n_rows * dv]) {
+            *a += w;
         }
     }
     for (r, i) in rows.enumerate() {
@@ -308,6 +324,36 @@ unsafe fn item_body(
             }
         } else {
             out.fill(0.0);
+        }
+    }
+}
+
+/// Applies the static and run-time masks to one row of scaled scores (keys `j0..`) of query
+/// `(batch, head, i)` at absolute position `pos`: hidden keys become -inf, additive masks add.
+#[inline(always)]
+fn apply_masks(
+    call: &AttentionCall,
+    s: &mut [f32],
+    (bi, hi, i): (usize, usize, usize),
+    j0: usize,
+    pos: i64,
+) {
+    let row = call.mask_strides[0] * bi as i64
+        + call.mask_strides[1] * hi as i64
+        + call.mask_strides[2] * i as i64;
+    for (j, sj) in s.iter_mut().enumerate() {
+        let key = (j0 + j) as i64;
+        let mut visible = call.allows(pos, key);
+        let at = (row + call.mask_strides[3] * key) as isize;
+        if call.mask_kind == KEEP_MASK {
+            // SAFETY: the mask covers every (b, h, i, j) through its strides.
+            visible &= unsafe { *call.mask.offset(at) } != 0;
+        } else if call.mask_kind == ADDITIVE_MASK {
+            // SAFETY: as above.
+            *sj += unsafe { *(call.mask as *const f32).offset(at) };
+        }
+        if !visible {
+            *sj = f32::NEG_INFINITY;
         }
     }
 }

@@ -319,9 +319,15 @@ map_functions! {
 /// `x[j] = e^(x[j] - shift)` in place; returns the sum of the results.
 pub(crate) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { x86::exp_shifted_in_place(x, shift) };
+    {
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { x86::exp_shifted_in_place(x, shift) };
+        }
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { x86::exp_shifted_in_place_avx2(x, shift) };
+        }
     }
     x.iter_mut()
         .map(|v| {
@@ -329,6 +335,12 @@ pub(crate) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
             *v
         })
         .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -511,6 +523,73 @@ mod x86 {
     }
 
     /// # Safety
+    /// [`super::exp`] on 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let splat = |v: f32| _mm256_set1_ps(v);
+        let scaled = _mm256_add_ps(
+            _mm256_mul_ps(x, splat(std::f32::consts::LOG2_E)),
+            splat(0.5),
+        );
+        let n = _mm256_floor_ps(scaled);
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, splat(EXP_LN2_HIGH)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, splat(EXP_LN2_LOW)));
+        let poly = EXP_POLYNOMIAL[1..]
+            .iter()
+            .fold(splat(EXP_POLYNOMIAL[0]), |poly, &c| {
+                _mm256_add_ps(_mm256_mul_ps(poly, r), splat(c))
+            });
+        let y = _mm256_add_ps(_mm256_mul_ps(poly, _mm256_mul_ps(r, r)), r);
+        let y = _mm256_add_ps(y, splat(1.0));
+        let ni = _mm256_sub_epi32(
+            _mm256_castps_si256(_mm256_add_ps(n, splat(MAGIC))),
+            _mm256_set1_epi32(MAGIC.to_bits() as i32),
+        );
+        let first = _mm256_srai_epi32::<1>(ni);
+        let second = _mm256_sub_epi32(ni, first);
+        let factor = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let result = _mm256_mul_ps(_mm256_mul_ps(y, factor(first)), factor(second));
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(x, splat(EXP_OVERFLOW));
+        let result = _mm256_blendv_ps(result, splat(f32::INFINITY), big);
+        let small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, splat(EXP_UNDERFLOW));
+        let result = _mm256_blendv_ps(result, _mm256_setzero_ps(), small);
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        _mm256_blendv_ps(result, x, nan)
+    }
+
+    /// As [`super::exp_shifted_in_place`], on a CPU with AVX2 and FMA: 8 lanes, the scalar
+    /// function on the remainder.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_shifted_in_place_avx2(x: &mut [f32], shift: f32) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            // SAFETY: the chunk holds 8 f32.
+            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            let e = exp8(_mm256_sub_ps(v, _mm256_set1_ps(shift)));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), e) };
+            total = _mm256_add_ps(total, e);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 f32 of room.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+        let tail: f32 = chunks
+            .into_remainder()
+            .iter_mut()
+            .map(|v| {
+                *v = exp(*v - shift);
+                *v
+            })
+            .sum();
+        lanes.iter().sum::<f32>() + tail
+    }
+
     /// As [`super::exp_shifted_in_place`], on a CPU with AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
