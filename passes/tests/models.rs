@@ -9,6 +9,8 @@ use kiln_passes::Pipeline;
 use std::collections::HashMap;
 use std::path::Path;
 
+// Shared with the frontend's and codegen's tests; this file uses part of it.
+#[allow(dead_code)]
 #[path = "../../frontend/tests/support/mod.rs"]
 mod support;
 
