@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use kiln_ir::{json, text, Graph, Summary};
+use kiln_passes::memory::MemoryPlan;
 use kiln_passes::{report, Pipeline};
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +18,8 @@ pub enum View {
     Diff(String),
     /// The fusion report.
     Report,
+    /// The memory plan of the final graph.
+    Memory,
 }
 
 /// How to print it.
@@ -78,6 +81,10 @@ pub fn inspect(graph: &Graph, pipeline: &Pipeline, options: &Options) -> Result<
                     .context_radius(3)
                     .header(&format!("before {pass}"), &format!("after {pass}"))
             );
+        }
+        View::Memory => {
+            let plan = MemoryPlan::new(last, &last.order()).map_err(anyhow::Error::msg)?;
+            print!("{}", plan.display(last));
         }
         View::Report => {
             let report = report::fusion_report(graph, last);

@@ -43,6 +43,9 @@ enum Command {
         /// Print the fusion report: for each pattern, the sites fused and why the others were not.
         #[arg(long)]
         report: bool,
+        /// Print the memory plan: each buffer's arena offset, size and lifetime, and the peak.
+        #[arg(long, conflicts_with_all = ["after_each", "diff", "report"])]
+        memory: bool,
         /// Write the final graph as Graphviz to FILE (and FILE.svg when `dot` is installed).
         #[arg(long, value_name = "FILE")]
         dot: Option<PathBuf>,
@@ -542,13 +545,15 @@ fn main() -> ExitCode {
             after_each,
             diff,
             report,
+            memory,
             dot,
             passes,
         } => load_model(model, shapes).and_then(|graph| {
-            let view = match (after_each, diff, report) {
-                (true, _, _) => inspect::View::AfterEach,
-                (_, Some(pass), _) => inspect::View::Diff(pass.clone()),
-                (_, _, true) => inspect::View::Report,
+            let view = match (after_each, diff, report, memory) {
+                (true, _, _, _) => inspect::View::AfterEach,
+                (_, Some(pass), _, _) => inspect::View::Diff(pass.clone()),
+                (_, _, true, _) => inspect::View::Report,
+                (_, _, _, true) => inspect::View::Memory,
                 _ => inspect::View::Final,
             };
             inspect::inspect(

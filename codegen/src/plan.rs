@@ -1,6 +1,7 @@
 //! Where each node's values live: inputs and weights where the caller and the weight store keep
-//! them, every computed node at its own offset in one arena sized for the symbols' maxima. (No
-//! reuse yet: liveness-based planning comes with the pass pipeline.)
+//! them, every computed node in one arena sized for the symbols' maxima, at the offset the
+//! memory planner ([`kiln_passes::memory`]) gives it (buffers with disjoint lifetimes share
+//! bytes), and packed copies of the weights matrix products read.
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 use std::collections::HashMap;
@@ -72,47 +73,21 @@ fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
 /// The largest arena a plan may reserve.
 pub const MAX_ARENA_BYTES: usize = 1 << 36;
 
-/// Buffers start on cache-line boundaries.
-const ALIGN: usize = 64;
-
 impl Plan {
     /// Lays out `graph`; fails when a dim has no upper bound or the arena would be too large.
     pub fn new(graph: &Graph) -> Result<Plan, String> {
         let order = graph.order();
         let index = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        let maxima = graph.maxima();
-        let mut buffers = HashMap::new();
-        let mut arena_bytes = 0usize;
-        let mut aliases: HashMap<NodeId, NodeId> = HashMap::new();
-        for &id in &order {
-            let node = graph.node(id);
-            if matches!(node.op, Op::Input | Op::Constant { .. }) {
-                continue;
-            }
-            if let Op::Reshape { .. } = node.op {
-                // The same bytes under other dims: every buffer is written once, by its
-                // producer, so the reshape can read its source's for as long as it lives.
-                let source = graph.operands(id)[0];
-                aliases.insert(id, aliases.get(&source).copied().unwrap_or(source));
-                continue;
-            }
-            let upper = |d: &kiln_ir::Dim| {
-                d.bounds(&maxima)
-                    .map(|(_, hi)| hi.max(0) as usize)
-                    .ok_or_else(|| format!("node %{}: dim {d} has no upper bound", node.name))
-            };
-            let bytes = node
-                .ty
-                .shape
-                .0
-                .iter()
-                .map(upper)
-                .try_fold(node.ty.dtype.size_bytes(), |acc, d| {
-                    d.map(|d| acc.saturating_mul(d))
-                })?;
-            buffers.insert(id, (arena_bytes, bytes));
-            arena_bytes = arena_bytes.saturating_add(bytes.div_ceil(ALIGN) * ALIGN);
-        }
+        let memory = kiln_passes::memory::MemoryPlan::new(graph, &order)?;
+        let buffers = order
+            .iter()
+            .filter_map(|&id| memory.buffer(id).map(|b| (id, (b.offset, b.bytes))))
+            .collect();
+        let aliases = order
+            .iter()
+            .filter_map(|&id| memory.alias_of(id).map(|source| (id, source)))
+            .collect();
+        let arena_bytes = memory.arena_bytes();
         let packed = order
             .iter()
             .filter_map(|&id| packed_weight(graph, id))

@@ -4,6 +4,7 @@
 
 mod cleanup;
 pub mod egraph;
+pub mod memory;
 pub mod pipeline;
 pub mod report;
 

@@ -562,9 +562,144 @@ fn norm_rules() -> Vec<Rule> {
     rules
 }
 
+/// The key/value head a `repeat_kv` (transformers' grouped-query attention) repeats, and the
+/// repetition: `reshape [b, hk*g, s, d] (expand [b, hk, g, s, d] (reshape [b, hk, 1, s, d] x))`.
+fn repeated_heads(egraph: &EGraph, class: Id) -> Option<(Id, kiln_ir::Dim)> {
+    let op_child = |class: Id, matches: &dyn Fn(&Op) -> bool| {
+        egraph[class].nodes.iter().find_map(|n| match n {
+            TensorLang::Op(label, children) if children.len() == 1 && matches(label.op()) => {
+                Some((label.op().clone(), children[0]))
+            }
+            _ => None,
+        })
+    };
+    let (merged, expanded) = op_child(
+        class,
+        &|op| matches!(op, Op::Reshape { shape } if shape.rank() == 4),
+    )?;
+    let (Op::Expand { shape: grouped }, split) = op_child(
+        expanded,
+        &|op| matches!(op, Op::Expand { shape } if shape.rank() == 5),
+    )?
+    else {
+        return None;
+    };
+    let (_, source) = op_child(
+        split,
+        &|op| matches!(op, Op::Reshape { shape } if shape.rank() == 5 && shape.0[2] == kiln_ir::Dim::Const(1)),
+    )?;
+    let source_ty = egraph[source].data.ty.as_ref()?;
+    let Op::Reshape { shape: merged } = merged else {
+        return None;
+    };
+    let (g, x, m) = (&grouped.0, &source_ty.shape.0, &merged.0);
+    let consistent = x.len() == 4
+        && [(0, 0), (1, 1), (3, 2), (4, 3)]
+            .iter()
+            .all(|&(a, b)| g[a].equiv(&x[b]))
+        && [(0, 0), (3, 2), (4, 3)]
+            .iter()
+            .all(|&(a, b)| g[a].equiv(&m[b]))
+        && m[1].equiv(&kiln_ir::Dim::product([&g[1], &g[2]]));
+    consistent.then(|| (source, g[2].clone()))
+}
+
+/// Finds attention whose keys and values are `repeat_kv` of fewer heads by the same factor.
+struct RepeatedKeyValues;
+
+impl egg::Searcher<TensorLang, TypeAnalysis> for RepeatedKeyValues {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &EGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<egg::SearchMatches<'_, TensorLang>> {
+        let substs: Vec<Subst> = egraph[eclass]
+            .nodes
+            .iter()
+            .filter_map(|node| {
+                let TensorLang::Op(label, children) = node else {
+                    return None;
+                };
+                if !matches!(label.op(), Op::Attention(_)) {
+                    return None;
+                }
+                let (k, k_groups) = repeated_heads(egraph, children[1])?;
+                let (v, v_groups) = repeated_heads(egraph, children[2])?;
+                if !k_groups.equiv(&v_groups) {
+                    return None;
+                }
+                let mut subst = Subst::with_capacity(5);
+                subst.insert(var("?node_q"), children[0]);
+                subst.insert(var("?node_k"), children[1]);
+                subst.insert(var("?node_v"), children[2]);
+                subst.insert(var("?k"), k);
+                subst.insert(var("?v"), v);
+                Some(subst)
+            })
+            .take(limit)
+            .collect();
+        (!substs.is_empty()).then_some(egg::SearchMatches {
+            eclass,
+            substs,
+            ast: None,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        ["?node_q", "?node_k", "?node_v", "?k", "?v"]
+            .iter()
+            .map(|v| var(v))
+            .collect()
+    }
+}
+
+/// Attention on the shared key/value heads instead of their repeated copies: the fused op reads
+/// head `i / (h / hk)` itself.
+struct SharedKeyValues;
+
+impl Applier<TensorLang, TypeAnalysis> for SharedKeyValues {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let (q, k, v) = (
+            subst[var("?node_q")],
+            subst[var("?node_k")],
+            subst[var("?node_v")],
+        );
+        let found = egraph[class].nodes.iter().find_map(|node| match node {
+            TensorLang::Op(label, children)
+                if matches!(label.op(), Op::Attention(_)) && children[..3] == [q, k, v] =>
+            {
+                Some((label.clone(), children[3..].to_vec()))
+            }
+            _ => None,
+        });
+        let Some((label, mask)) = found else {
+            return vec![];
+        };
+        let mut children = vec![q, subst[var("?k")], subst[var("?v")]];
+        children.extend(mask);
+        add_checked(egraph, class, TensorLang::Op(label, children))
+    }
+}
+
 /// The fusion rules.
 pub fn fusion() -> Vec<Rule> {
     let mut rules = attention_rules();
+    rules.push(
+        Rewrite::new(
+            "attention-shared-kv-heads",
+            RepeatedKeyValues,
+            SharedKeyValues,
+        )
+        .expect("valid rule"),
+    );
     rules.extend(activation_rules());
     rules.extend(norm_rules());
     rules
