@@ -309,6 +309,12 @@ fn inspect_reports_fusion_and_each_pass_byte_stably() {
         kiln(&["inspect", model, "--after-each"]).stdout,
         each.stdout
     );
+    let memory = kiln(&["inspect", model, "--memory"]);
+    let memory_text = String::from_utf8_lossy(&memory.stdout);
+    assert!(
+        memory_text.contains("%context") && memory_text.contains(" without sharing, "),
+        "{memory_text}"
+    );
     let unknown = kiln(&["inspect", model, "--disable-pass", "fusion"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown pass `fusion`"));
 }

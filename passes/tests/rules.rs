@@ -253,3 +253,37 @@ fn division_by_a_constant_is_a_product() {
         .unwrap();
     insta::assert_snapshot!(text::print(&canonical));
 }
+
+fn grouped(values: &str) -> String {
+    format!(
+        r#"graph "grouped" {{
+  sym seq <= 8
+  input %q : f32[1, 4, seq, 4]
+  input %k : f32[1, 2, seq, 4]
+  input %v4 : f32[1, 4, seq, 4]
+  input %v2 : f32[1, 2, seq, 4]
+  %k_split = reshape(%k) {{shape = [1, 2, 1, seq, 4]}} : f32[1, 2, 1, seq, 4]
+  %k_expand = expand(%k_split) {{shape = [1, 2, 2, seq, 4]}} : f32[1, 2, 2, seq, 4]
+  %k_repeat = reshape(%k_expand) {{shape = [1, 4, seq, 4]}} : f32[1, 4, seq, 4]
+  %v_split = reshape(%v2) {{shape = [1, 2, 1, seq, 4]}} : f32[1, 2, 1, seq, 4]
+  %v_expand = expand(%v_split) {{shape = [1, 2, 2, seq, 4]}} : f32[1, 2, 2, seq, 4]
+  %v_repeat = reshape(%v_expand) {{shape = [1, 4, seq, 4]}} : f32[1, 4, seq, 4]
+  %k_t = transpose(%k_repeat) {{perm = [0, 1, 3, 2]}} : f32[1, 4, 4, seq]
+  %scores = matmul(%q, %k_t) : f32[1, 4, seq, seq]
+  %probs = softmax(%scores) {{axis = -1}} : f32[1, 4, seq, seq]
+  %context = matmul(%probs, {values}) : f32[1, 4, seq, 4]
+  output "context" = %context
+}}"#
+    )
+}
+
+#[test]
+fn grouped_query_attention_reads_the_shared_heads() {
+    insta::assert_snapshot!(optimize(&grouped("%v_repeat")));
+}
+
+#[test]
+fn grouped_query_attention_keeps_repeated_keys_when_values_are_not_repeated() {
+    let fused = optimize(&grouped("%v4"));
+    assert!(fused.contains("attention(%q, %k_repeat, %v4)"), "{fused}");
+}
