@@ -378,6 +378,9 @@ mod x86 {
         };
         for half in (0..width).step_by(16) {
             let masks = [lane_mask(half), lane_mask(half + 8)];
+            // Masked loads and stores are slow on some CPUs (AMD's are microcoded): whole
+            // 16-column blocks use plain ones.
+            let whole = half + 16 <= width;
             let mut i = 0;
             while i < m {
                 let rows = ROWS_AVX2.min(m - i);
@@ -385,13 +388,19 @@ mod x86 {
                 let (a, b, c) = unsafe { (a.add(i * lda), b.add(half), c.add(i * ldc + half)) };
                 // SAFETY: forwarded; the tile reads `rows` rows of A and writes `rows` of C.
                 unsafe {
-                    match rows {
-                        6 => tile_avx2::<6>(k, a, lda, b, ldb, c, ldc, masks),
-                        5 => tile_avx2::<5>(k, a, lda, b, ldb, c, ldc, masks),
-                        4 => tile_avx2::<4>(k, a, lda, b, ldb, c, ldc, masks),
-                        3 => tile_avx2::<3>(k, a, lda, b, ldb, c, ldc, masks),
-                        2 => tile_avx2::<2>(k, a, lda, b, ldb, c, ldc, masks),
-                        _ => tile_avx2::<1>(k, a, lda, b, ldb, c, ldc, masks),
+                    match (rows, whole) {
+                        (6, true) => tile_avx2::<6, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (5, true) => tile_avx2::<5, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (4, true) => tile_avx2::<4, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (3, true) => tile_avx2::<3, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (2, true) => tile_avx2::<2, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (_, true) => tile_avx2::<1, true>(k, a, lda, b, ldb, c, ldc, masks),
+                        (6, false) => tile_avx2::<6, false>(k, a, lda, b, ldb, c, ldc, masks),
+                        (5, false) => tile_avx2::<5, false>(k, a, lda, b, ldb, c, ldc, masks),
+                        (4, false) => tile_avx2::<4, false>(k, a, lda, b, ldb, c, ldc, masks),
+                        (3, false) => tile_avx2::<3, false>(k, a, lda, b, ldb, c, ldc, masks),
+                        (2, false) => tile_avx2::<2, false>(k, a, lda, b, ldb, c, ldc, masks),
+                        (_, false) => tile_avx2::<1, false>(k, a, lda, b, ldb, c, ldc, masks),
                     }
                 }
                 i += rows;
@@ -399,14 +408,15 @@ mod x86 {
         }
     }
 
-    /// `R` rows by up to 16 columns (the lanes `masks` select), accumulated over all of `k`.
+    /// `R` rows by up to 16 columns (the lanes `masks` select, or all 16 when `WHOLE`),
+    /// accumulated over all of `k`.
     ///
     /// # Safety
     /// As [`tile_avx512`], for 16 columns.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile_avx2<const R: usize>(
+    unsafe fn tile_avx2<const R: usize, const WHOLE: bool>(
         k: usize,
         a: *const f32,
         lda: usize,
@@ -418,12 +428,19 @@ mod x86 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
-            // SAFETY: the masked lanes of row p of the panel are inside B.
+            // SAFETY: the masked lanes (all 16 when whole) of row p of the panel are inside B.
             let (y0, y1) = unsafe {
-                (
-                    _mm256_maskload_ps(b.add(p * ldb), masks[0]),
-                    _mm256_maskload_ps(b.add(p * ldb + 8), masks[1]),
-                )
+                if WHOLE {
+                    (
+                        _mm256_loadu_ps(b.add(p * ldb)),
+                        _mm256_loadu_ps(b.add(p * ldb + 8)),
+                    )
+                } else {
+                    (
+                        _mm256_maskload_ps(b.add(p * ldb), masks[0]),
+                        _mm256_maskload_ps(b.add(p * ldb + 8), masks[1]),
+                    )
+                }
             };
             for (r, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: A[r, p] is inside A.
@@ -433,10 +450,15 @@ mod x86 {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: the masked lanes of row r of C are inside C.
+            // SAFETY: the masked lanes (all 16 when whole) of row r of C are inside C.
             unsafe {
-                _mm256_maskstore_ps(c.add(r * ldc), masks[0], acc[0]);
-                _mm256_maskstore_ps(c.add(r * ldc + 8), masks[1], acc[1]);
+                if WHOLE {
+                    _mm256_storeu_ps(c.add(r * ldc), acc[0]);
+                    _mm256_storeu_ps(c.add(r * ldc + 8), acc[1]);
+                } else {
+                    _mm256_maskstore_ps(c.add(r * ldc), masks[0], acc[0]);
+                    _mm256_maskstore_ps(c.add(r * ldc + 8), masks[1], acc[1]);
+                }
             }
         }
     }
