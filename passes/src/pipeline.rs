@@ -106,13 +106,13 @@ pub const PASSES: [Pass; 4] = [
     },
     Pass {
         name: "canonicalize",
-        summary: "e-graph rewrites that make exporter variants meet: division by a constant as multiplication, transpose and reshape chains, boolean masks as additive ones",
+        summary: "e-graph rewrites that make exporter variants meet: division by a constant as multiplication, transpose and reshape chains composed, scales of query and key hoisted out of their product, key transposes split into head split and key transpose",
         exactness: Exactness::Exact,
         run: egraph::canonicalize,
     },
     Pass {
         name: "fuse",
-        summary: "e-graph fusion of attention, layer and RMS norms, GELU, SiLU and SwiGLU, extracted by a FLOPs-and-bytes cost model",
+        summary: "e-graph fusion of attention (on shared key/value heads for grouped-query attention), layer and RMS norms, GELU and SiLU, extracted by a FLOPs-and-bytes cost model",
         exactness: Exactness::Exact,
         run: egraph::fuse,
     },

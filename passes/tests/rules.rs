@@ -287,3 +287,22 @@ fn grouped_query_attention_keeps_repeated_keys_when_values_are_not_repeated() {
     let fused = optimize(&grouped("%v4"));
     assert!(fused.contains("attention(%q, %k_repeat, %v4)"), "{fused}");
 }
+
+#[test]
+fn transpose_and_reshape_chains_compose() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "layout" {
+  input %x : f32[2, 3, 4]
+  %t1 = transpose(%x) {perm = [1, 0, 2]} : f32[3, 2, 4]
+  %t2 = transpose(%t1) {perm = [1, 0, 2]} : f32[2, 3, 4]
+  %round_trip = exp(%t2) : f32[2, 3, 4]
+  %t3 = transpose(%x) {perm = [0, 2, 1]} : f32[2, 4, 3]
+  %t4 = transpose(%t3) {perm = [2, 0, 1]} : f32[3, 2, 4]
+  %r1 = reshape(%t4) {shape = [6, 4]} : f32[6, 4]
+  %r2 = reshape(%r1) {shape = [24]} : f32[24]
+  %rotated = neg(%r2) : f32[24]
+  output "round_trip" = %round_trip
+  output "rotated" = %rotated
+}"#
+    ));
+}

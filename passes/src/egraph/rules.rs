@@ -155,9 +155,122 @@ impl Applier<TensorLang, TypeAnalysis> for FoldScales {
     }
 }
 
+/// Two layout ops in a row, `outer(inner(x))`, both transposes or both reshapes.
+struct LayoutChains;
+
+/// The one layout op equal to `outer(inner(x))`, or `None` for the identity.
+fn compose(outer: &Op, inner: &Op) -> Option<Option<Op>> {
+    match (outer, inner) {
+        (Op::Transpose { perm: p }, Op::Transpose { perm: q }) if p.len() == q.len() => {
+            let perm: Vec<usize> = p.iter().map(|&i| q[i]).collect();
+            let identity = perm.iter().enumerate().all(|(i, &p)| i == p);
+            Some((!identity).then_some(Op::Transpose { perm }))
+        }
+        (Op::Reshape { shape }, Op::Reshape { .. }) => Some(Some(Op::Reshape {
+            shape: shape.clone(),
+        })),
+        _ => None,
+    }
+}
+
+/// The layout op of a one-operand node.
+fn layout_node(node: &TensorLang) -> Option<(&Op, Id)> {
+    match node {
+        TensorLang::Op(label, children)
+            if children.len() == 1
+                && matches!(label.op(), Op::Transpose { .. } | Op::Reshape { .. }) =>
+        {
+            Some((label.op(), children[0]))
+        }
+        _ => None,
+    }
+}
+
+impl egg::Searcher<TensorLang, TypeAnalysis> for LayoutChains {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &EGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<egg::SearchMatches<'_, TensorLang>> {
+        let mut substs = Vec::new();
+        for node in &egraph[eclass].nodes {
+            let Some((outer, middle)) = layout_node(node) else {
+                continue;
+            };
+            for inner_node in &egraph[middle].nodes {
+                let Some((inner, x)) = layout_node(inner_node) else {
+                    continue;
+                };
+                if compose(outer, inner).is_some() && substs.len() < limit {
+                    let mut subst = Subst::with_capacity(2);
+                    subst.insert(var("?middle"), middle);
+                    subst.insert(var("?x"), x);
+                    substs.push(subst);
+                }
+            }
+        }
+        (!substs.is_empty()).then_some(egg::SearchMatches {
+            eclass,
+            substs,
+            ast: None,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![var("?middle"), var("?x")]
+    }
+}
+
+impl Applier<TensorLang, TypeAnalysis> for LayoutChains {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        class: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TensorLang>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        let (middle, x) = (subst[var("?middle")], subst[var("?x")]);
+        let pairs: Vec<Option<Op>> = egraph[class]
+            .nodes
+            .iter()
+            .filter_map(layout_node)
+            .filter(|&(_, m)| egraph.find(m) == egraph.find(middle))
+            .flat_map(|(outer, _)| {
+                egraph[middle]
+                    .nodes
+                    .iter()
+                    .filter_map(layout_node)
+                    .filter(|&(_, inner_x)| egraph.find(inner_x) == egraph.find(x))
+                    .filter_map(|(inner, _)| compose(outer, inner))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut changed = Vec::new();
+        for composed in pairs {
+            match composed {
+                None => {
+                    let same = egraph[class]
+                        .data
+                        .ty
+                        .as_ref()
+                        .zip(egraph[x].data.ty.as_ref());
+                    if same.is_some_and(|(a, b)| a.equiv(b)) && egraph.union(class, x) {
+                        changed.push(x);
+                    }
+                }
+                Some(op_) => changed.extend(add_checked(egraph, class, op(op_, vec![x]))),
+            }
+        }
+        changed
+    }
+}
+
 /// The canonicalizing rules.
 pub fn canonical() -> Vec<Rule> {
     vec![
+        Rewrite::new("compose-layout-chains", LayoutChains, LayoutChains).expect("valid rule"),
         rule("div-by-constant", "(div ?x ?c)", DivisionByConstant),
         rule(
             "hoist-scales",
