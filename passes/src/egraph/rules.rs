@@ -54,20 +54,16 @@ fn op(op: Op, children: Vec<Id>) -> TensorLang {
     TensorLang::Op(OpLabel::new(op), children)
 }
 
-/// A rule whose applier is Rust code.
-fn rule(
-    name: &str,
-    lhs: &str,
-    applier: impl Applier<TensorLang, TypeAnalysis> + Send + Sync + 'static,
-) -> Rule {
-    Rewrite::new(name, pattern(lhs), applier).unwrap_or_else(|e| panic!("rule `{name}`: {e}"))
+/// The right-hand side of a rewrite as Rust code: given the match (its e-class and
+/// substitution), it adds what the match equals and returns the classes it changed.
+trait Rewriter {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id>;
 }
 
-/// `x / c` as `x * (1/c)` for a finite non-zero scalar `c`, so that scale folding and fusion see
-/// one form.
-struct DivisionByConstant;
+/// A [`Rewriter`] as egg's applier.
+struct Apply<R>(R);
 
-impl Applier<TensorLang, TypeAnalysis> for DivisionByConstant {
+impl<R: Rewriter> Applier<TensorLang, TypeAnalysis> for Apply<R> {
     fn apply_one(
         &self,
         egraph: &mut EGraph,
@@ -76,6 +72,52 @@ impl Applier<TensorLang, TypeAnalysis> for DivisionByConstant {
         _: Option<&PatternAst<TensorLang>>,
         _: egg::Symbol,
     ) -> Vec<Id> {
+        self.0.rewrite(egraph, class, subst)
+    }
+}
+
+/// The left-hand side of a rewrite as Rust code, for matches a pattern cannot state (the
+/// attributes of ops vary): the substitutions matching in one e-class, at most `limit`.
+trait Finder {
+    fn find(&self, egraph: &EGraph, eclass: Id, limit: usize) -> Vec<Subst>;
+    fn vars(&self) -> Vec<Var>;
+}
+
+/// A [`Finder`] as egg's searcher.
+struct Search<F>(F);
+
+impl<F: Finder> egg::Searcher<TensorLang, TypeAnalysis> for Search<F> {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &EGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<egg::SearchMatches<'_, TensorLang>> {
+        let substs = self.0.find(egraph, eclass, limit);
+        (!substs.is_empty()).then_some(egg::SearchMatches {
+            eclass,
+            substs,
+            ast: None,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.0.vars()
+    }
+}
+
+/// A rule whose right-hand side is Rust code.
+fn rule(name: &str, lhs: &str, rewriter: impl Rewriter + Send + Sync + 'static) -> Rule {
+    Rewrite::new(name, pattern(lhs), Apply(rewriter))
+        .unwrap_or_else(|e| panic!("rule `{name}`: {e}"))
+}
+
+/// `x / c` as `x * (1/c)` for a finite non-zero scalar `c`, so that scale folding and fusion see
+/// one form.
+struct DivisionByConstant;
+
+impl Rewriter for DivisionByConstant {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let (x, c) = (subst[var("?x")], subst[var("?c")]);
         let (Some(value), Some(ty)) = (scalar(egraph, c), egraph[c].data.ty.clone()) else {
             return vec![];
@@ -100,15 +142,8 @@ impl Applier<TensorLang, TypeAnalysis> for DivisionByConstant {
 /// stays where it is: hoisting it would pull GELU's factor 0.5 past the next projection.)
 struct HoistScales;
 
-impl Applier<TensorLang, TypeAnalysis> for HoistScales {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for HoistScales {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let Some(folded) = scalar_product(egraph, subst[var("?s")], subst[var("?t")]) else {
             return vec![];
         };
@@ -135,15 +170,8 @@ fn scalar_product(egraph: &mut EGraph, s: Id, t: Id) -> Option<Id> {
 /// `(x * s) * t` as `x * (s t)` for scalars `s` and `t`.
 struct FoldScales;
 
-impl Applier<TensorLang, TypeAnalysis> for FoldScales {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for FoldScales {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let Some(folded) = scalar_product(egraph, subst[var("?s")], subst[var("?t")]) else {
             return vec![];
         };
@@ -186,13 +214,8 @@ fn layout_node(node: &TensorLang) -> Option<(&Op, Id)> {
     }
 }
 
-impl egg::Searcher<TensorLang, TypeAnalysis> for LayoutChains {
-    fn search_eclass_with_limit(
-        &self,
-        egraph: &EGraph,
-        eclass: Id,
-        limit: usize,
-    ) -> Option<egg::SearchMatches<'_, TensorLang>> {
+impl Finder for LayoutChains {
+    fn find(&self, egraph: &EGraph, eclass: Id, limit: usize) -> Vec<Subst> {
         let mut substs = Vec::new();
         for node in &egraph[eclass].nodes {
             let Some((outer, middle)) = layout_node(node) else {
@@ -210,11 +233,7 @@ impl egg::Searcher<TensorLang, TypeAnalysis> for LayoutChains {
                 }
             }
         }
-        (!substs.is_empty()).then_some(egg::SearchMatches {
-            eclass,
-            substs,
-            ast: None,
-        })
+        substs
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -222,15 +241,8 @@ impl egg::Searcher<TensorLang, TypeAnalysis> for LayoutChains {
     }
 }
 
-impl Applier<TensorLang, TypeAnalysis> for LayoutChains {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for LayoutChains {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let (middle, x) = (subst[var("?middle")], subst[var("?x")]);
         let pairs: Vec<Option<Op>> = egraph[class]
             .nodes
@@ -270,7 +282,12 @@ impl Applier<TensorLang, TypeAnalysis> for LayoutChains {
 /// The canonicalizing rules.
 pub fn canonical() -> Vec<Rule> {
     vec![
-        Rewrite::new("compose-layout-chains", LayoutChains, LayoutChains).expect("valid rule"),
+        Rewrite::new(
+            "compose-layout-chains",
+            Search(LayoutChains),
+            Apply(LayoutChains),
+        )
+        .expect("valid rule"),
         rule("div-by-constant", "(div ?x ?c)", DivisionByConstant),
         rule(
             "hoist-scales",
@@ -320,15 +337,8 @@ struct FuseAttention {
     nan_guard: bool,
 }
 
-impl Applier<TensorLang, TypeAnalysis> for FuseAttention {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for FuseAttention {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let scale = if self.scaled {
             match scalar(egraph, subst[var("?s")]) {
                 Some(s) if s.is_finite() => s,
@@ -379,7 +389,7 @@ fn attention_rules() -> Vec<Rule> {
     let product = "(matmul ?q (transpose{perm=[0,1,3,2]} ?k))";
     for scale in [ScaleSite::Scores, ScaleSite::Unscaled] {
         let scaled: Vec<String> = match scale {
-            ScaleSite::Scores => vec![format!("(mul {product} ?s)"), format!("(mul ?s {product})")],
+            ScaleSite::Scores => commuted("mul", product, "?s").to_vec(),
             ScaleSite::Unscaled => vec![product.to_string()],
         };
         for mask in [
@@ -391,13 +401,10 @@ fn attention_rules() -> Vec<Rule> {
             let masked: Vec<String> = scaled
                 .iter()
                 .flat_map(|s| match mask {
-                    MaskSite::Additive => {
-                        vec![format!("(add {s} ?mask)"), format!("(add ?mask {s})")]
-                    }
+                    MaskSite::Additive => commuted("add", s, "?mask").to_vec(),
                     MaskSite::Keep => vec![format!("(where ?keep {s} ?fill)")],
                     MaskSite::KeepAdditive => {
-                        let bias = "(where ?keep ?zero ?fill)";
-                        vec![format!("(add {s} {bias})"), format!("(add {bias} {s})")]
+                        commuted("add", s, "(where ?keep ?zero ?fill)").to_vec()
                     }
                     MaskSite::Unmasked => vec![s.clone()],
                 })
@@ -447,15 +454,8 @@ struct FuseUnary {
     checks: Arc<[(&'static str, f64)]>,
 }
 
-impl Applier<TensorLang, TypeAnalysis> for FuseUnary {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for FuseUnary {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let values_match = self.checks.iter().all(|(name, expected)| {
             scalar(egraph, subst[var(name)]).is_some_and(|v| close(v, *expected))
         });
@@ -470,14 +470,18 @@ impl Applier<TensorLang, TypeAnalysis> for FuseUnary {
     }
 }
 
+/// `(op a b)` and `(op b a)`: both operand orders of a commutative op.
+fn commuted(op: &str, a: &str, b: &str) -> [String; 2] {
+    [format!("({op} {a} {b})"), format!("({op} {b} {a})")]
+}
+
 /// Every way of writing the product of three factors `a * b * c` as two binary multiplications.
 fn products_of_three(a: &str, b: &str, c: &str) -> Vec<String> {
     let mut forms = Vec::new();
     for (x, y, z) in [(a, b, c), (a, c, b), (b, c, a)] {
         // (x * y) * z in both operand orders at both levels.
-        for inner in [format!("(mul {x} {y})"), format!("(mul {y} {x})")] {
-            forms.push(format!("(mul {inner} {z})"));
-            forms.push(format!("(mul {z} {inner})"));
+        for inner in commuted("mul", x, y) {
+            forms.extend(commuted("mul", &inner, z));
         }
     }
     forms
@@ -522,11 +526,8 @@ fn activation_rules() -> Vec<Rule> {
     ]);
     let mut n = 0;
     for cube in cube_forms {
-        for inner in [
-            format!("(add ?x (mul {cube} ?a))"),
-            format!("(add ?x (mul ?a {cube}))"),
-        ] {
-            for scaled in [format!("(mul {inner} ?c)"), format!("(mul ?c {inner})")] {
+        for inner in commuted("mul", cube, "?a").map(|term| format!("(add ?x {term})")) {
+            for scaled in commuted("mul", &inner, "?c") {
                 let term = format!("(add (tanh {scaled}) ?one)");
                 for form in products_of_three("?x", "?half", &term) {
                     let checks: Arc<[(&str, f64)]> = if cube.starts_with("(pow") {
@@ -564,52 +565,14 @@ fn activation_rules() -> Vec<Rule> {
     rules
 }
 
-/// Fuses a decomposed layer norm over the last axis.
-struct FuseLayerNorm {
-    bias: bool,
+/// Fuses a decomposed layer norm (with bias) or RMS norm over the last axis.
+enum FuseNorm {
+    Layer,
+    Rms,
 }
 
-impl Applier<TensorLang, TypeAnalysis> for FuseLayerNorm {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
-        let two = scalar(egraph, subst[var("?two")]);
-        let eps = scalar(egraph, subst[var("?eps")]);
-        let (Some(two), Some(eps)) = (two, eps) else {
-            return vec![];
-        };
-        if two != 2.0 || eps.is_nan() || eps < 0.0 {
-            return vec![];
-        }
-        let mut children = vec![subst[var("?x")], subst[var("?gamma")]];
-        if self.bias {
-            children.push(subst[var("?beta")]);
-        }
-        let norm = Op::LayerNorm {
-            axis: -1,
-            eps: F32(eps),
-        };
-        add_checked(egraph, class, op(norm, children))
-    }
-}
-
-/// Fuses a decomposed RMS norm.
-struct FuseRmsNorm;
-
-impl Applier<TensorLang, TypeAnalysis> for FuseRmsNorm {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for FuseNorm {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let two = scalar(egraph, subst[var("?two")]);
         let eps = scalar(egraph, subst[var("?eps")]);
         let (Some(2.0), Some(eps)) = (two, eps) else {
@@ -618,12 +581,18 @@ impl Applier<TensorLang, TypeAnalysis> for FuseRmsNorm {
         if eps.is_nan() || eps < 0.0 {
             return vec![];
         }
-        let norm = Op::RmsNorm { eps: F32(eps) };
-        add_checked(
-            egraph,
-            class,
-            op(norm, vec![subst[var("?x")], subst[var("?gamma")]]),
-        )
+        let (x, gamma) = (subst[var("?x")], subst[var("?gamma")]);
+        let (norm, children) = match self {
+            FuseNorm::Layer => (
+                Op::LayerNorm {
+                    axis: -1,
+                    eps: F32(eps),
+                },
+                vec![x, gamma, subst[var("?beta")]],
+            ),
+            FuseNorm::Rms => (Op::RmsNorm { eps: F32(eps) }, vec![x, gamma]),
+        };
+        add_checked(egraph, class, op(norm, children))
     }
 }
 
@@ -637,24 +606,16 @@ fn norm_rules() -> Vec<Rule> {
         format!("(div {centered} {stddev})"),
         format!("(mul {centered} (reciprocal {stddev}))"),
     ];
-    let mut n = 0;
-    for norm in &normalized {
-        for scaled in [
-            format!("(mul {norm} ?gamma)"),
-            format!("(mul ?gamma {norm})"),
-        ] {
-            for shifted in [
-                format!("(add {scaled} ?beta)"),
-                format!("(add ?beta {scaled})"),
-            ] {
-                rules.push(rule(
-                    &format!("fuse-layer-norm-{n}"),
-                    &shifted,
-                    FuseLayerNorm { bias: true },
-                ));
-                n += 1;
-            }
-        }
+    let layer_forms = normalized
+        .iter()
+        .flat_map(|norm| commuted("mul", norm, "?gamma"))
+        .flat_map(|scaled| commuted("add", &scaled, "?beta"));
+    for (n, form) in layer_forms.enumerate() {
+        rules.push(rule(
+            &format!("fuse-layer-norm-{n}"),
+            &form,
+            FuseNorm::Layer,
+        ));
     }
     let rms = format!("(sqrt (add ({mean} (pow ?x ?two)) ?eps))");
     let normalized = [
@@ -662,15 +623,11 @@ fn norm_rules() -> Vec<Rule> {
         format!("(mul ?x (reciprocal {rms}))"),
         format!("(mul (reciprocal {rms}) ?x)"),
     ];
-    let mut n = 0;
-    for norm in &normalized {
-        for form in [
-            format!("(mul {norm} ?gamma)"),
-            format!("(mul ?gamma {norm})"),
-        ] {
-            rules.push(rule(&format!("fuse-rms-norm-{n}"), &form, FuseRmsNorm));
-            n += 1;
-        }
+    let rms_forms = normalized
+        .iter()
+        .flat_map(|norm| commuted("mul", norm, "?gamma"));
+    for (n, form) in rms_forms.enumerate() {
+        rules.push(rule(&format!("fuse-rms-norm-{n}"), &form, FuseNorm::Rms));
     }
     rules
 }
@@ -720,13 +677,8 @@ fn repeated_heads(egraph: &EGraph, class: Id) -> Option<(Id, kiln_ir::Dim)> {
 /// Finds attention whose keys and values are `repeat_kv` of fewer heads by the same factor.
 struct RepeatedKeyValues;
 
-impl egg::Searcher<TensorLang, TypeAnalysis> for RepeatedKeyValues {
-    fn search_eclass_with_limit(
-        &self,
-        egraph: &EGraph,
-        eclass: Id,
-        limit: usize,
-    ) -> Option<egg::SearchMatches<'_, TensorLang>> {
+impl Finder for RepeatedKeyValues {
+    fn find(&self, egraph: &EGraph, eclass: Id, limit: usize) -> Vec<Subst> {
         let substs: Vec<Subst> = egraph[eclass]
             .nodes
             .iter()
@@ -752,11 +704,7 @@ impl egg::Searcher<TensorLang, TypeAnalysis> for RepeatedKeyValues {
             })
             .take(limit)
             .collect();
-        (!substs.is_empty()).then_some(egg::SearchMatches {
-            eclass,
-            substs,
-            ast: None,
-        })
+        substs
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -771,15 +719,8 @@ impl egg::Searcher<TensorLang, TypeAnalysis> for RepeatedKeyValues {
 /// head `i / (h / hk)` itself.
 struct SharedKeyValues;
 
-impl Applier<TensorLang, TypeAnalysis> for SharedKeyValues {
-    fn apply_one(
-        &self,
-        egraph: &mut EGraph,
-        class: Id,
-        subst: &Subst,
-        _: Option<&PatternAst<TensorLang>>,
-        _: egg::Symbol,
-    ) -> Vec<Id> {
+impl Rewriter for SharedKeyValues {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let (q, k, v) = (
             subst[var("?node_q")],
             subst[var("?node_k")],
@@ -808,8 +749,8 @@ pub fn fusion() -> Vec<Rule> {
     rules.push(
         Rewrite::new(
             "attention-shared-kv-heads",
-            RepeatedKeyValues,
-            SharedKeyValues,
+            Search(RepeatedKeyValues),
+            Apply(SharedKeyValues),
         )
         .expect("valid rule"),
     );
