@@ -144,6 +144,8 @@ pub unsafe extern "C" fn kiln_attention(call: *const AttentionCall) -> i64 {
     let dims = &dims;
     crate::vector::split(items, work, &|range| {
         SCRATCH.with_borrow_mut(|scratch| {
+            // Items of one head are consecutive: each thread transposes a head's keys once.
+            scratch.keys_head = None;
             for item in range {
                 // SAFETY: the call's buffers as the caller promised; items write disjoint rows.
                 unsafe { run_item(call, dims, item, q_tiles, scratch) };
@@ -153,9 +155,24 @@ pub unsafe extern "C" fn kiln_attention(call: *const AttentionCall) -> i64 {
     0
 }
 
+/// Per-thread working memory, grown to the largest call seen and then reused.
+struct Scratch {
+    /// Accumulators, running maxima and sums, score and product tiles of one item.
+    tiles: Vec<f32>,
+    /// The keys of one key/value head transposed to `[d, sk]`.
+    keys_t: Vec<f32>,
+    /// Which head `keys_t` holds in the current call.
+    keys_head: Option<usize>,
+}
+
 thread_local! {
-    /// Per-thread tiles, grown to the largest call seen and then reused.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            tiles: Vec::new(),
+            keys_t: Vec::new(),
+            keys_head: None,
+        })
+    };
 }
 
 unsafe fn run_item(
@@ -163,7 +180,7 @@ unsafe fn run_item(
     dims: &Dims,
     item: usize,
     q_tiles: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -187,7 +204,7 @@ unsafe fn item_avx512(
     dims: &Dims,
     item: usize,
     q_tiles: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
     // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX-512.
     unsafe { item_body(call, dims, item, q_tiles, scratch) }
@@ -200,7 +217,7 @@ unsafe fn item_avx2(
     dims: &Dims,
     item: usize,
     q_tiles: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
     // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX2.
     unsafe { item_body(call, dims, item, q_tiles, scratch) }
@@ -215,7 +232,7 @@ unsafe fn item_body(
     dims: &Dims,
     item: usize,
     q_tiles: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
     let Dims {
         heads,
@@ -235,22 +252,41 @@ unsafe fn item_body(
     let rows = qt * tile_q..((qt + 1) * tile_q).min(sq);
     let n_rows = rows.len();
     let offset = sk as i64 - sq as i64;
-    let need = tile_q * (2 * dv + 2) + d * tile_k + tile_q * tile_k;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
+    let need = tile_q * (2 * dv + 2) + tile_q * tile_k;
+    if scratch.tiles.len() < need {
+        scratch.tiles.resize(need, 0.0);
     }
-    let (acc, rest) = scratch.split_at_mut(tile_q * dv);
+    // SAFETY: the keys of head kv, [sk, d].
+    let k = unsafe { std::slice::from_raw_parts(call.k.add(kv * sk * d), sk * d) };
+    if scratch.keys_head != Some(kv) {
+        // Each key tile transposed to [d, width], tile after tile: the right operands of the
+        // head's score products. (One [d, sk] matrix would put the rows of long sequences a
+        // power of two apart, on the same cache sets.)
+        if scratch.keys_t.len() < d * sk {
+            scratch.keys_t.resize(d * sk, 0.0);
+        }
+        for j0 in (0..sk).step_by(tile_k) {
+            let width = tile_k.min(sk - j0);
+            let block = &mut scratch.keys_t[j0 * d..(j0 + width) * d];
+            for (j, key) in k[j0 * d..(j0 + width) * d].chunks_exact(d).enumerate() {
+                for (c, &x) in key.iter().enumerate() {
+                    block[c * width + j] = x;
+                }
+            }
+        }
+        scratch.keys_head = Some(kv);
+    }
+    let keys_t = &scratch.keys_t[..d * sk];
+    let (acc, rest) = scratch.tiles.split_at_mut(tile_q * dv);
     let (weighted, rest) = rest.split_at_mut(tile_q * dv);
     let (running, rest) = rest.split_at_mut(2 * tile_q);
     let (max, sum) = running.split_at_mut(tile_q);
-    let (keys_t, rest) = rest.split_at_mut(d * tile_k);
     let scores = &mut rest[..tile_q * tile_k];
     acc[..n_rows * dv].fill(0.0);
     max.fill(f32::NEG_INFINITY);
     sum.fill(0.0);
     // SAFETY (whole function): offsets stay inside the buffers of the dims given.
     let q = unsafe { call.q.add((bh * sq + rows.start) * d) };
-    let k = unsafe { std::slice::from_raw_parts(call.k.add(kv * sk * d), sk * d) };
     let v = unsafe { call.v.add(kv * sk * dv) };
     let scale = call.scale as f32;
     let masked = call.static_mask != 0 || call.mask_kind != NO_MASK;
@@ -262,22 +298,30 @@ unsafe fn item_body(
         if call.hides_tile((first_pos, last_pos), (j0 as i64, j1 as i64 - 1)) {
             continue;
         }
-        // Keys transposed to [d, width]: the right operand of the score product.
-        for (j, key) in k[j0 * d..j1 * d].chunks_exact(d).enumerate() {
-            for (c, &x) in key.iter().enumerate() {
-                keys_t[c * width + j] = x;
-            }
-        }
         let [m, n, kk] = [n_rows, width, d].map(|v| v as i64);
-        // SAFETY: the query rows, the transposed keys and the score tile at these strides.
-        unsafe { crate::kiln_sgemm(m, n, kk, q, kk, keys_t.as_ptr(), n, scores.as_mut_ptr(), n) };
+        // SAFETY: the query rows, columns j0.. of the transposed keys and the score tile.
+        unsafe {
+            crate::kiln_sgemm(
+                m,
+                n,
+                kk,
+                q,
+                kk,
+                keys_t.as_ptr().add(j0 * d),
+                n,
+                scores.as_mut_ptr(),
+                n,
+            )
+        };
         for (r, i) in rows.clone().enumerate() {
             let s = &mut scores[r * width..(r + 1) * width];
-            s.iter_mut().for_each(|x| *x *= scale);
-            if masked {
+            let tile_max = if masked {
+                s.iter_mut().for_each(|x| *x *= scale);
                 apply_masks(call, s, (bi, hi, i), j0, i as i64 + offset);
-            }
-            let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+            } else {
+                scale_and_max(s, scale)
+            };
             if tile_max == f32::NEG_INFINITY {
                 s.fill(0.0);
                 continue;
@@ -326,6 +370,28 @@ unsafe fn item_body(
             out.fill(0.0);
         }
     }
+}
+
+/// Multiplies the scores by `scale` and returns their maximum, in eight independent lanes so
+/// the loop vectorizes (NaN scores are not expected: they come only from NaN inputs).
+#[inline(always)]
+fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = s.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (x, m) in chunk.iter_mut().zip(&mut lanes) {
+            *x *= scale;
+            *m = if *x > *m { *x } else { *m };
+        }
+    }
+    let mut max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        max = if *x > max { *x } else { max };
+    }
+    max
 }
 
 /// Applies the static and run-time masks to one row of scaled scores (keys `j0..`) of query
