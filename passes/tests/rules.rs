@@ -306,3 +306,66 @@ fn transpose_and_reshape_chains_compose() {
 }"#
     ));
 }
+
+#[test]
+fn gelu_tanh_form() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "gelu_tanh" {
+  input %x : f32[2, 8]
+  %half = const "half" [0.5] : f32[]
+  %one = const "one" [1.0] : f32[]
+  %three = const "three" [3.0] : f32[]
+  %a = const "a" [0.044715] : f32[]
+  %c = const "c" [0.7978846] : f32[]
+  %cube = pow(%x, %three) : f32[2, 8]
+  %cubic = mul(%a, %cube) : f32[2, 8]
+  %inner = add(%x, %cubic) : f32[2, 8]
+  %scaled = mul(%c, %inner) : f32[2, 8]
+  %t = tanh(%scaled) : f32[2, 8]
+  %shifted = add(%t, %one) : f32[2, 8]
+  %halved = mul(%half, %x) : f32[2, 8]
+  %out = mul(%halved, %shifted) : f32[2, 8]
+  output "out" = %out
+}"#
+    ));
+}
+
+#[test]
+fn division_by_zero_stays_a_division() {
+    let graph = text::parse(
+        r#"graph "g" {
+  input %x : f32[2]
+  %zero = const "zero" [0.0] : f32[]
+  %out = div(%x, %zero) : f32[2]
+  output "out" = %out
+}"#,
+    )
+    .unwrap();
+    let canonical = Pipeline::only(&["canonicalize".into()]).unwrap().run(&graph).unwrap();
+    assert!(text::print(&canonical).contains("div(%x, %zero)"));
+}
+
+#[test]
+fn layer_norm_not_fused_when_the_mean_is_not_of_the_same_tensor() {
+    let fused = optimize(
+        r#"graph "layer_norm" {
+  input %x : f32[2, 8]
+  input %y : f32[2, 8]
+  %gamma = const "gamma" [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0] : f32[8]
+  %beta = const "beta" [0.5, 0.0, 0.5, 0.0, 0.5, 0.0, 0.5, 0.0] : f32[8]
+  %two = const "two" [2.0] : f32[]
+  %eps = const "eps" [1e-5] : f32[]
+  %mean = reduce_mean(%y) {axes = [-1], keep_dims = true} : f32[2, 1]
+  %centered = sub(%x, %mean) : f32[2, 8]
+  %squared = pow(%centered, %two) : f32[2, 8]
+  %variance = reduce_mean(%squared) {axes = [-1], keep_dims = true} : f32[2, 1]
+  %shifted = add(%variance, %eps) : f32[2, 1]
+  %std = sqrt(%shifted) : f32[2, 1]
+  %normalized = div(%centered, %std) : f32[2, 8]
+  %scaled = mul(%normalized, %gamma) : f32[2, 8]
+  %out = add(%scaled, %beta) : f32[2, 8]
+  output "out" = %out
+}"#,
+    );
+    assert!(!fused.contains("layer_norm("), "{fused}");
+}
