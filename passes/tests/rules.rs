@@ -341,7 +341,10 @@ fn division_by_zero_stays_a_division() {
 }"#,
     )
     .unwrap();
-    let canonical = Pipeline::only(&["canonicalize".into()]).unwrap().run(&graph).unwrap();
+    let canonical = Pipeline::only(&["canonicalize".into()])
+        .unwrap()
+        .run(&graph)
+        .unwrap();
     assert!(text::print(&canonical).contains("div(%x, %zero)"));
 }
 

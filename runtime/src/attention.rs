@@ -124,6 +124,17 @@ impl AttentionCall {
             _ => false,
         }
     }
+
+    /// Whether the static mask lets position `pos` see every key in `keys` (decided for the
+    /// same masks; a global + local mask is checked key by key).
+    fn shows_tile(&self, pos: i64, keys: (i64, i64)) -> bool {
+        match self.static_mask {
+            CAUSAL => keys.1 <= pos,
+            SLIDING_WINDOW => keys.1 <= pos && pos < keys.0 + self.window,
+            GLOBAL_LOCAL => false,
+            _ => true,
+        }
+    }
 }
 
 /// Computes one attention call.
@@ -315,13 +326,49 @@ unsafe fn item_body(
         };
         for (r, i) in rows.clone().enumerate() {
             let s = &mut scores[r * width..(r + 1) * width];
-            let tile_max = if masked {
-                s.iter_mut().for_each(|x| *x *= scale);
-                apply_masks(call, s, (bi, hi, i), j0, i as i64 + offset);
-                s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
-            } else {
-                scale_and_max(s, scale)
-            };
+            let pos = i as i64 + offset;
+            let tile_max =
+                if !masked {
+                    scale_and_max(s, scale, |_, x| x)
+                } else if call.shows_tile(pos, (j0 as i64, j1 as i64 - 1))
+                    && call.mask_strides[3] == 1
+                {
+                    // Only a run-time mask contiguous along the keys: one vectorized pass.
+                    let row = call.mask_strides[0] * bi as i64
+                        + call.mask_strides[1] * hi as i64
+                        + call.mask_strides[2] * i as i64
+                        + j0 as i64;
+                    match call.mask_kind {
+                        KEEP_MASK => {
+                            // SAFETY: the mask covers keys j0.. of this row.
+                            let keep = unsafe {
+                                std::slice::from_raw_parts(call.mask.offset(row as isize), width)
+                            };
+                            scale_and_max(s, scale, |j, x| {
+                                if keep[j] != 0 {
+                                    x
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                        }
+                        ADDITIVE_MASK => {
+                            // SAFETY: as above, f32.
+                            let bias = unsafe {
+                                std::slice::from_raw_parts(
+                                    (call.mask as *const f32).offset(row as isize),
+                                    width,
+                                )
+                            };
+                            scale_and_max(s, scale, |j, x| x + bias[j])
+                        }
+                        _ => scale_and_max(s, scale, |_, x| x),
+                    }
+                } else {
+                    s.iter_mut().for_each(|x| *x *= scale);
+                    apply_masks(call, s, (bi, hi, i), j0, pos);
+                    s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+                };
             if tile_max == f32::NEG_INFINITY {
                 s.fill(0.0);
                 continue;
@@ -372,23 +419,24 @@ unsafe fn item_body(
     }
 }
 
-/// Multiplies the scores by `scale` and returns their maximum, in eight independent lanes so
-/// the loop vectorizes (NaN scores are not expected: they come only from NaN inputs).
+/// Sets each score `s[j]` to `mask(j, s[j] * scale)` and returns the largest, in eight
+/// independent lanes so the loop vectorizes (NaN scores are not expected: they come only from
+/// NaN inputs).
 #[inline(always)]
-fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
+fn scale_and_max(s: &mut [f32], scale: f32, mask: impl Fn(usize, f32) -> f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = s.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (x, m) in chunk.iter_mut().zip(&mut lanes) {
-            *x *= scale;
+    let whole = s.len() / 8 * 8;
+    for (c, chunk) in s[..whole].chunks_exact_mut(8).enumerate() {
+        for (l, (x, m)) in chunk.iter_mut().zip(&mut lanes).enumerate() {
+            *x = mask(c * 8 + l, *x * scale);
             *m = if *x > *m { *x } else { *m };
         }
     }
     let mut max = lanes
         .iter()
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    for x in chunks.into_remainder() {
-        *x *= scale;
+    for (j, x) in s.iter_mut().enumerate().skip(whole) {
+        *x = mask(j, *x * scale);
         max = if *x > max { *x } else { max };
     }
     max
