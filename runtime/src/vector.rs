@@ -126,6 +126,9 @@ fn erfc_far(a: f32) -> f32 {
     gaussian * polynomial(&ERFC_SCALED_LARGE, 1.0 / a.clamp(1.0, 4.0))
 }
 
+/// The sign bit of an f32.
+const SIGN_BIT: u32 = 0x8000_0000;
+
 /// Keeps the sign, exponent and top 11 stored mantissa bits of an f32.
 const SQUARE_EXACT_MASK: u32 = 0xffff_f000;
 
@@ -216,7 +219,7 @@ pub unsafe extern "C" fn kiln_softmax_rows(rows: i64, len: i64, x: *const f32, y
         #[cfg(target_arch = "x86_64")]
         if avx512() {
             // SAFETY: the CPU has AVX-512F; these rows of the buffers as the caller promised.
-            return unsafe { x86::softmax_rows(range.len(), len, x, y) };
+            return unsafe { avx512::softmax_rows(range.len(), len, x, y) };
         }
         for r in 0..range.len() {
             // SAFETY: row r of each buffer holds `len` f32 (caller's contract).
@@ -281,9 +284,15 @@ unsafe fn map(function: Function, n: i64, x: *const f32, y: *mut f32) {
             (y as *mut f32).wrapping_add(range.start),
         );
         #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
-            return unsafe { x86::map(function, range.len(), x, y) };
+        {
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
+                return unsafe { avx512::map(function, range.len(), x, y) };
+            }
+            if avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA; as above.
+                return unsafe { avx2::map(function, range.len(), x, y) };
+            }
         }
         for i in 0..range.len() {
             // SAFETY: element i of both buffers exists (caller's contract).
@@ -322,11 +331,11 @@ pub(crate) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     {
         if avx512() {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { x86::exp_shifted_in_place(x, shift) };
+            return unsafe { avx512::exp_shifted_in_place(x, shift) };
         }
         if avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { x86::exp_shifted_in_place_avx2(x, shift) };
+            return unsafe { avx2::exp_shifted_in_place(x, shift) };
         }
     }
     x.iter_mut()
@@ -349,10 +358,103 @@ pub(crate) fn avx512() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
 }
 
+/// The lane math of [`exp`], [`erf`], [`tanh`], [`gelu`] and [`gelu_tanh`], written once over
+/// the operations each lane module defines (`splat`, `add`, ..., `select`), so that every vector
+/// width performs the scalar functions' operations in the same order: the same bits.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+macro_rules! lane_math {
+    ($feature:literal, $v:ty) => {
+        #[target_feature(enable = $feature)]
+        fn polynomial(coefficients: &[f32], v: $v) -> $v {
+            coefficients[1..]
+                .iter()
+                .fold(splat(coefficients[0]), |poly, &c| {
+                    add(mul(poly, v), splat(c))
+                })
+        }
+
+        /// [`super::exp`] on every lane.
+        #[target_feature(enable = $feature)]
+        pub(super) fn exp(x: $v) -> $v {
+            let n = floor(add(mul(x, splat(std::f32::consts::LOG2_E)), splat(0.5)));
+            let r = sub(x, mul(n, splat(EXP_LN2_HIGH)));
+            let r = sub(r, mul(n, splat(EXP_LN2_LOW)));
+            let y = add(mul(polynomial(&EXP_POLYNOMIAL, r), mul(r, r)), r);
+            let result = times_power_of_two(add(y, splat(1.0)), n);
+            let result = select(gt(x, splat(EXP_OVERFLOW)), splat(f32::INFINITY), result);
+            let result = select(lt(x, splat(EXP_UNDERFLOW)), splat(0.0), result);
+            select(unordered(x), x, result)
+        }
+
+        /// [`super::erf`] on every lane: both pieces, then a blend.
+        #[target_feature(enable = $feature)]
+        fn erf(x: $v) -> $v {
+            let a = abs(x);
+            let t = mul(x, x);
+            let near = add(x, mul(x, polynomial(&ERF_SMALL, t)));
+            // max(1, a) and min(4, .) return their second operand for NaN, which keeps it.
+            let clamped = min(splat(4.0), max(splat(1.0), a));
+            let p = polynomial(&ERFC_SCALED_LARGE, div(splat(1.0), clamped));
+            let tail = mul(exp(negate(mul(clamped, clamped))), p);
+            let far = or_bits(sub(splat(1.0), tail), sign(x));
+            select(lt(a, splat(1.0)), near, far)
+        }
+
+        /// [`super::tanh`] on every lane.
+        #[target_feature(enable = $feature)]
+        fn tanh(x: $v) -> $v {
+            let a = abs(x);
+            let t = mul(x, x);
+            let near = add(x, mul(mul(x, t), polynomial(&TANH_SMALL, t)));
+            let e = exp(add(a, a));
+            let far = sub(splat(1.0), div(splat(2.0), add(e, splat(1.0))));
+            select(lt(a, splat(TANH_LIMIT)), near, or_bits(far, sign(x)))
+        }
+
+        /// [`super::gelu_tanh`] on every lane.
+        #[target_feature(enable = $feature)]
+        fn gelu_tanh(x: $v) -> $v {
+            let cube = mul(mul(mul(splat(0.044_715), x), x), x);
+            let u = mul(splat(SQRT_2_OVER_PI), add(x, cube));
+            let e = exp(negate(abs(mul(splat(2.0), u))));
+            let numerator = select(lt(u, splat(0.0)), e, splat(1.0));
+            mul(x, div(numerator, add(splat(1.0), e)))
+        }
+
+        /// [`super::gelu`] on every lane.
+        #[target_feature(enable = $feature)]
+        fn gelu(x: $v) -> $v {
+            let z = mul(x, splat(std::f32::consts::FRAC_1_SQRT_2));
+            let near = add(splat(1.0), erf(z));
+            let a = abs(z);
+            let clamped = min(splat(4.0), max(splat(1.0), a));
+            let p = polynomial(&ERFC_SCALED_LARGE, div(splat(1.0), clamped));
+            let s = and_bits(a, SQUARE_EXACT_MASK);
+            let correction = mul(sub(s, a), add(s, a));
+            let gaussian = mul(exp(negate(mul(s, s))), exp(correction));
+            let one_plus_erf = select(le(z, splat(-1.0)), mul(gaussian, p), near);
+            mul(mul(splat(0.5), x), one_plus_erf)
+        }
+
+        #[target_feature(enable = $feature)]
+        fn apply(function: Function, v: $v) -> $v {
+            match function {
+                Function::Erf => erf(v),
+                Function::Gelu => gelu(v),
+                Function::Tanh => tanh(v),
+                Function::GeluTanh => gelu_tanh(v),
+            }
+        }
+    };
+}
+
+/// 16 AVX-512 lanes.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    lane_math!("avx512f", __m512);
 
     /// Lanes whose index is below `count` (at most 16).
     fn mask(count: usize) -> __mmask16 {
@@ -367,29 +469,88 @@ mod x86 {
     fn splat(v: f32) -> __m512 {
         _mm512_set1_ps(v)
     }
-
     #[target_feature(enable = "avx512f")]
-    fn polynomial16(coefficients: &[f32], v: __m512) -> __m512 {
-        coefficients[1..]
-            .iter()
-            .fold(splat(coefficients[0]), |poly, &c| {
-                _mm512_add_ps(_mm512_mul_ps(poly, v), splat(c))
-            })
+    fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
     }
-
-    /// [`super::exp`] on 16 lanes.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp16(x: __m512) -> __m512 {
-        let scaled = _mm512_add_ps(
-            _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
-            splat(0.5),
-        );
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(scaled);
-        let r = _mm512_sub_ps(x, _mm512_mul_ps(n, splat(EXP_LN2_HIGH)));
-        let r = _mm512_sub_ps(r, _mm512_mul_ps(n, splat(EXP_LN2_LOW)));
-        let poly = polynomial16(&EXP_POLYNOMIAL, r);
-        let y = _mm512_add_ps(_mm512_mul_ps(poly, _mm512_mul_ps(r, r)), r);
-        let y = _mm512_add_ps(y, splat(1.0));
+    fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn div(a: __m512, b: __m512) -> __m512 {
+        _mm512_div_ps(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn min(a: __m512, b: __m512) -> __m512 {
+        _mm512_min_ps(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn floor(a: __m512) -> __m512 {
+        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(a)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn lt(a: __m512, b: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn le(a: __m512, b: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn gt(a: __m512, b: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn unordered(a: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a)
+    }
+    /// `mask ? then : otherwise`, lane by lane.
+    #[target_feature(enable = "avx512f")]
+    fn select(mask: __mmask16, then: __m512, otherwise: __m512) -> __m512 {
+        _mm512_mask_mov_ps(otherwise, mask, then)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn and_bits(a: __m512, bits: u32) -> __m512 {
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(a),
+            _mm512_set1_epi32(bits as i32),
+        ))
+    }
+    #[target_feature(enable = "avx512f")]
+    fn or_bits(a: __m512, b: __m512) -> __m512 {
+        _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(a),
+            _mm512_castps_si512(b),
+        ))
+    }
+    #[target_feature(enable = "avx512f")]
+    fn abs(a: __m512) -> __m512 {
+        and_bits(a, !SIGN_BIT)
+    }
+    /// The sign bits alone.
+    #[target_feature(enable = "avx512f")]
+    fn sign(a: __m512) -> __m512 {
+        and_bits(a, SIGN_BIT)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn negate(a: __m512) -> __m512 {
+        _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(a),
+            _mm512_set1_epi32(SIGN_BIT as i32),
+        ))
+    }
+    /// `y * 2^n` for integral `n`, as two factors so that neither overflows.
+    #[target_feature(enable = "avx512f")]
+    fn times_power_of_two(y: __m512, n: __m512) -> __m512 {
         let ni = _mm512_sub_epi32(
             _mm512_castps_si512(_mm512_add_ps(n, splat(MAGIC))),
             _mm512_set1_epi32(MAGIC.to_bits() as i32),
@@ -402,104 +563,7 @@ mod x86 {
                 _mm512_set1_epi32(127),
             )))
         };
-        let result = _mm512_mul_ps(_mm512_mul_ps(y, factor(first)), factor(second));
-        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, splat(EXP_OVERFLOW));
-        let result = _mm512_mask_mov_ps(result, big, splat(f32::INFINITY));
-        let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, splat(EXP_UNDERFLOW));
-        let result = _mm512_mask_mov_ps(result, small, _mm512_setzero_ps());
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        _mm512_mask_mov_ps(result, nan, x)
-    }
-
-    /// [`super::erf`] on 16 lanes: both pieces, then a blend.
-    #[target_feature(enable = "avx512f")]
-    fn erf16(x: __m512) -> __m512 {
-        let sign = _mm512_set1_epi32(i32::MIN);
-        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
-        let t = _mm512_mul_ps(x, x);
-        let near = _mm512_add_ps(x, _mm512_mul_ps(x, polynomial16(&ERF_SMALL, t)));
-        // max(1, a) and min(4, .) return their second operand for NaN, which keeps it.
-        let clamped = _mm512_min_ps(splat(4.0), _mm512_max_ps(splat(1.0), a));
-        let p = polynomial16(&ERFC_SCALED_LARGE, _mm512_div_ps(splat(1.0), clamped));
-        let square = _mm512_mul_ps(clamped, clamped);
-        let negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(square), sign));
-        let tail = _mm512_mul_ps(exp16(negated), p);
-        let far = _mm512_sub_ps(splat(1.0), tail);
-        let far = _mm512_castsi512_ps(_mm512_or_si512(
-            _mm512_castps_si512(far),
-            _mm512_and_si512(_mm512_castps_si512(x), sign),
-        ));
-        let is_near = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, splat(1.0));
-        _mm512_mask_mov_ps(far, is_near, near)
-    }
-
-    /// `|v|` and `v`'s sign bits.
-    #[target_feature(enable = "avx512f")]
-    fn magnitude_and_sign(v: __m512) -> (__m512, __m512i) {
-        let sign = _mm512_set1_epi32(i32::MIN);
-        let bits = _mm512_castps_si512(v);
-        (
-            _mm512_castsi512_ps(_mm512_andnot_si512(sign, bits)),
-            _mm512_and_si512(bits, sign),
-        )
-    }
-
-    /// [`super::tanh`] on 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    fn tanh16(x: __m512) -> __m512 {
-        let (a, sign) = magnitude_and_sign(x);
-        let t = _mm512_mul_ps(x, x);
-        let near = _mm512_add_ps(
-            x,
-            _mm512_mul_ps(_mm512_mul_ps(x, t), polynomial16(&TANH_SMALL, t)),
-        );
-        let e = exp16(_mm512_add_ps(a, a));
-        let far = _mm512_sub_ps(
-            splat(1.0),
-            _mm512_div_ps(splat(2.0), _mm512_add_ps(e, splat(1.0))),
-        );
-        let far = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(far), sign));
-        let is_near = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, splat(TANH_LIMIT));
-        _mm512_mask_mov_ps(far, is_near, near)
-    }
-
-    /// [`super::gelu_tanh`] on 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    fn gelu_tanh16(x: __m512) -> __m512 {
-        let cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(splat(0.044_715), x), x), x);
-        let u = _mm512_mul_ps(splat(SQRT_2_OVER_PI), _mm512_add_ps(x, cube));
-        let (twice, _) = magnitude_and_sign(_mm512_mul_ps(splat(2.0), u));
-        let negated = _mm512_castsi512_ps(_mm512_xor_si512(
-            _mm512_castps_si512(twice),
-            _mm512_set1_epi32(i32::MIN),
-        ));
-        let e = exp16(negated);
-        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(u, _mm512_setzero_ps());
-        let numerator = _mm512_mask_mov_ps(splat(1.0), below, e);
-        _mm512_mul_ps(x, _mm512_div_ps(numerator, _mm512_add_ps(splat(1.0), e)))
-    }
-
-    /// [`super::gelu`] on 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    fn gelu16(x: __m512) -> __m512 {
-        let z = _mm512_mul_ps(x, splat(std::f32::consts::FRAC_1_SQRT_2));
-        let near = _mm512_add_ps(splat(1.0), erf16(z));
-        let sign = _mm512_set1_epi32(i32::MIN);
-        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(z)));
-        let clamped = _mm512_min_ps(splat(4.0), _mm512_max_ps(splat(1.0), a));
-        let p = polynomial16(&ERFC_SCALED_LARGE, _mm512_div_ps(splat(1.0), clamped));
-        let s = _mm512_castsi512_ps(_mm512_and_si512(
-            _mm512_castps_si512(a),
-            _mm512_set1_epi32(SQUARE_EXACT_MASK as i32),
-        ));
-        let square = _mm512_mul_ps(s, s);
-        let negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(square), sign));
-        let correction = _mm512_mul_ps(_mm512_sub_ps(s, a), _mm512_add_ps(s, a));
-        let gaussian = _mm512_mul_ps(exp16(negated), exp16(correction));
-        let far = _mm512_mul_ps(gaussian, p);
-        let is_far = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(z, splat(-1.0));
-        let one_plus_erf = _mm512_mask_mov_ps(near, is_far, far);
-        _mm512_mul_ps(_mm512_mul_ps(splat(0.5), x), one_plus_erf)
+        _mm512_mul_ps(_mm512_mul_ps(y, factor(first)), factor(second))
     }
 
     /// # Safety
@@ -511,83 +575,9 @@ mod x86 {
             // SAFETY: the masked lanes lie within the n elements.
             unsafe {
                 let v = _mm512_maskz_loadu_ps(lanes, x.add(start));
-                let result = match function {
-                    Function::Erf => erf16(v),
-                    Function::Gelu => gelu16(v),
-                    Function::Tanh => tanh16(v),
-                    Function::GeluTanh => gelu_tanh16(v),
-                };
-                _mm512_mask_storeu_ps(y.add(start), lanes, result);
+                _mm512_mask_storeu_ps(y.add(start), lanes, apply(function, v));
             }
         }
-    }
-
-    /// # Safety
-    /// [`super::exp`] on 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
-        let splat = |v: f32| _mm256_set1_ps(v);
-        let scaled = _mm256_add_ps(
-            _mm256_mul_ps(x, splat(std::f32::consts::LOG2_E)),
-            splat(0.5),
-        );
-        let n = _mm256_floor_ps(scaled);
-        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, splat(EXP_LN2_HIGH)));
-        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, splat(EXP_LN2_LOW)));
-        let poly = EXP_POLYNOMIAL[1..]
-            .iter()
-            .fold(splat(EXP_POLYNOMIAL[0]), |poly, &c| {
-                _mm256_add_ps(_mm256_mul_ps(poly, r), splat(c))
-            });
-        let y = _mm256_add_ps(_mm256_mul_ps(poly, _mm256_mul_ps(r, r)), r);
-        let y = _mm256_add_ps(y, splat(1.0));
-        let ni = _mm256_sub_epi32(
-            _mm256_castps_si256(_mm256_add_ps(n, splat(MAGIC))),
-            _mm256_set1_epi32(MAGIC.to_bits() as i32),
-        );
-        let first = _mm256_srai_epi32::<1>(ni);
-        let second = _mm256_sub_epi32(ni, first);
-        let factor = |e: __m256i| {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-                e,
-                _mm256_set1_epi32(127),
-            )))
-        };
-        let result = _mm256_mul_ps(_mm256_mul_ps(y, factor(first)), factor(second));
-        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(x, splat(EXP_OVERFLOW));
-        let result = _mm256_blendv_ps(result, splat(f32::INFINITY), big);
-        let small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, splat(EXP_UNDERFLOW));
-        let result = _mm256_blendv_ps(result, _mm256_setzero_ps(), small);
-        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
-        _mm256_blendv_ps(result, x, nan)
-    }
-
-    /// As [`super::exp_shifted_in_place`], on a CPU with AVX2 and FMA: 8 lanes, the scalar
-    /// function on the remainder.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_shifted_in_place_avx2(x: &mut [f32], shift: f32) -> f32 {
-        let mut total = _mm256_setzero_ps();
-        let mut chunks = x.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            // SAFETY: the chunk holds 8 f32.
-            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
-            let e = exp8(_mm256_sub_ps(v, _mm256_set1_ps(shift)));
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), e) };
-            total = _mm256_add_ps(total, e);
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: 8 f32 of room.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-        let tail: f32 = chunks
-            .into_remainder()
-            .iter_mut()
-            .map(|v| {
-                *v = exp(*v - shift);
-                *v
-            })
-            .sum();
-        lanes.iter().sum::<f32>() + tail
     }
 
     /// As [`super::exp_shifted_in_place`], on a CPU with AVX-512F.
@@ -601,10 +591,10 @@ mod x86 {
             let v = unsafe {
                 _mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), lanes, x.as_ptr().add(start))
             };
-            let e = exp16(_mm512_sub_ps(v, splat(shift)));
+            let e = exp(sub(v, splat(shift)));
             // SAFETY: as above.
             unsafe { _mm512_mask_storeu_ps(x.as_mut_ptr().add(start), lanes, e) };
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
+            total = add(total, _mm512_maskz_mov_ps(lanes, e));
         }
         _mm512_reduce_add_ps(total)
     }
@@ -635,7 +625,7 @@ mod x86 {
                 let lanes = mask(len - start);
                 // SAFETY: the masked lanes lie within the row.
                 let v = unsafe { _mm512_maskz_loadu_ps(lanes, x.add(start)) };
-                let e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(v, max)));
+                let e = _mm512_maskz_mov_ps(lanes, exp(_mm512_sub_ps(v, max)));
                 // SAFETY: as above.
                 unsafe { _mm512_mask_storeu_ps(y.add(start), lanes, e) };
                 let halves = _mm512_castps_si512(e);
@@ -659,6 +649,153 @@ mod x86 {
                 }
             }
         }
+    }
+}
+
+/// 8 AVX2 lanes; the elements past the last whole group of 8 take the scalar functions (the same
+/// bits).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    lane_math!("avx2,fma", __m256);
+
+    #[target_feature(enable = "avx2,fma")]
+    fn splat(v: f32) -> __m256 {
+        _mm256_set1_ps(v)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn div(a: __m256, b: __m256) -> __m256 {
+        _mm256_div_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn min(a: __m256, b: __m256) -> __m256 {
+        _mm256_min_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn floor(a: __m256) -> __m256 {
+        _mm256_floor_ps(a)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn lt(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn le(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_LE_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn gt(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_GT_OQ>(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn unordered(a: __m256) -> __m256 {
+        _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a)
+    }
+    /// `mask ? then : otherwise`, lane by lane.
+    #[target_feature(enable = "avx2,fma")]
+    fn select(mask: __m256, then: __m256, otherwise: __m256) -> __m256 {
+        _mm256_blendv_ps(otherwise, then, mask)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn and_bits(a: __m256, bits: u32) -> __m256 {
+        _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(bits as i32)))
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn or_bits(a: __m256, b: __m256) -> __m256 {
+        _mm256_or_ps(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn abs(a: __m256) -> __m256 {
+        and_bits(a, !SIGN_BIT)
+    }
+    /// The sign bits alone.
+    #[target_feature(enable = "avx2,fma")]
+    fn sign(a: __m256) -> __m256 {
+        and_bits(a, SIGN_BIT)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn negate(a: __m256) -> __m256 {
+        _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(SIGN_BIT as i32)))
+    }
+    /// `y * 2^n` for integral `n`, as two factors so that neither overflows.
+    #[target_feature(enable = "avx2,fma")]
+    fn times_power_of_two(y: __m256, n: __m256) -> __m256 {
+        let ni = _mm256_sub_epi32(
+            _mm256_castps_si256(_mm256_add_ps(n, splat(MAGIC))),
+            _mm256_set1_epi32(MAGIC.to_bits() as i32),
+        );
+        let first = _mm256_srai_epi32::<1>(ni);
+        let second = _mm256_sub_epi32(ni, first);
+        let factor = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        _mm256_mul_ps(_mm256_mul_ps(y, factor(first)), factor(second))
+    }
+
+    /// # Safety
+    /// As [`super::map`], on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn map(function: Function, n: usize, x: *const f32, y: *mut f32) {
+        let whole = n / 8 * 8;
+        for start in (0..whole).step_by(8) {
+            // SAFETY: 8 elements from start lie within the n elements.
+            unsafe {
+                let v = _mm256_loadu_ps(x.add(start));
+                _mm256_storeu_ps(y.add(start), apply(function, v));
+            }
+        }
+        for i in whole..n {
+            // SAFETY: element i of both buffers exists.
+            unsafe { *y.add(i) = function.scalar(*x.add(i)) };
+        }
+    }
+
+    /// As [`super::exp_shifted_in_place`], on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            // SAFETY: the chunk holds 8 f32.
+            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            let e = exp(sub(v, splat(shift)));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), e) };
+            total = add(total, e);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 f32 of room.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+        let tail: f32 = chunks
+            .into_remainder()
+            .iter_mut()
+            .map(|v| {
+                *v = super::exp(*v - shift);
+                *v
+            })
+            .sum();
+        lanes.iter().sum::<f32>() + tail
     }
 }
 
