@@ -315,6 +315,20 @@ fn inspect_reports_fusion_and_each_pass_byte_stably() {
         memory_text.contains("%context") && memory_text.contains(" without sharing, "),
         "{memory_text}"
     );
+    let dir = tempfile::tempdir().unwrap();
+    let dot = dir.path().join("graph.dot");
+    let drawn = kiln(&["inspect", model, "--dot", dot.to_str().unwrap()]);
+    assert!(
+        drawn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drawn.stderr)
+    );
+    let graphviz = std::fs::read_to_string(&dot).unwrap();
+    assert!(
+        graphviz.starts_with("digraph \"attention_block\" {")
+            && graphviz.contains("\\nattention\\n"),
+        "{graphviz}"
+    );
     let unknown = kiln(&["inspect", model, "--disable-pass", "fusion"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown pass `fusion`"));
 }
