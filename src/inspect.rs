@@ -87,7 +87,7 @@ pub fn inspect(graph: &Graph, pipeline: &Pipeline, options: &Options) -> Result<
             print!("{}", plan.display(last));
         }
         View::Report => {
-            let report = report::fusion_report(graph, last);
+            let report = report::fusion_report(last);
             if options.json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json())?);
             } else {

@@ -4,19 +4,17 @@
 //! bytes), and packed copies of the weights matrix products read.
 
 use kiln_ir::{DType, Graph, NodeId, Op};
+use kiln_passes::memory::MemoryPlan;
 use std::collections::HashMap;
 
 /// The buffer layout of a graph.
 pub struct Plan {
     order: Vec<NodeId>,
     index: HashMap<NodeId, usize>,
-    /// Offset and reserved bytes of each computed node.
-    buffers: HashMap<NodeId, (usize, usize)>,
-    arena_bytes: usize,
+    /// Offsets, sizes and views of the computed nodes.
+    memory: MemoryPlan,
     /// Matrix products whose right operand is a weight packed at compile time, in order.
     packed: Vec<PackedWeight>,
-    /// Nodes that own no buffer but read another node's (reshapes), with that node.
-    aliases: HashMap<NodeId, NodeId>,
 }
 
 /// A matrix product whose right operand, a 2-D f32 weight, is stored packed into the runtime's
@@ -78,15 +76,7 @@ impl Plan {
     pub fn new(graph: &Graph) -> Result<Plan, String> {
         let order = graph.order();
         let index = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        let memory = kiln_passes::memory::MemoryPlan::new(graph, &order)?;
-        let buffers = order
-            .iter()
-            .filter_map(|&id| memory.buffer(id).map(|b| (id, (b.offset, b.bytes))))
-            .collect();
-        let aliases = order
-            .iter()
-            .filter_map(|&id| memory.alias_of(id).map(|source| (id, source)))
-            .collect();
+        let memory = MemoryPlan::new(graph, &order)?;
         let arena_bytes = memory.arena_bytes();
         let packed = order
             .iter()
@@ -98,10 +88,8 @@ impl Plan {
         Ok(Plan {
             order,
             index,
-            buffers,
-            arena_bytes,
+            memory,
             packed,
-            aliases,
         })
     }
 
@@ -117,17 +105,23 @@ impl Plan {
 
     /// Arena offset of a computed node.
     pub fn offset(&self, id: NodeId) -> usize {
-        self.buffers[&id].0
+        self.buffer(id).offset
     }
 
     /// Bytes reserved for a computed node.
     pub fn reserved(&self, id: NodeId) -> usize {
-        self.buffers[&id].1
+        self.buffer(id).bytes
+    }
+
+    fn buffer(&self, id: NodeId) -> &kiln_passes::memory::Buffer {
+        self.memory
+            .buffer(id)
+            .expect("every computed node that is not a view has a buffer")
     }
 
     /// The node whose buffer `id` shares, when it owns none (a reshape of it).
     pub fn alias_of(&self, id: NodeId) -> Option<NodeId> {
-        self.aliases.get(&id).copied()
+        self.memory.alias_of(id)
     }
 
     /// The products with packed weights, in execution order.
@@ -168,6 +162,6 @@ impl Plan {
 
     /// Total arena size.
     pub fn arena_bytes(&self) -> usize {
-        self.arena_bytes
+        self.memory.arena_bytes()
     }
 }

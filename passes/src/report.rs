@@ -68,10 +68,11 @@ impl fmt::Display for FusionReport {
     }
 }
 
-/// Compares the frontend's graph with the final one.
-pub fn fusion_report(_frontend: &Graph, fused: &Graph) -> FusionReport {
+/// What the passes fused in `g`, and why each site they left was not fused. Sites are the fused
+/// ops plus the anchors still in the graph, so a softmax kept for another reader after its
+/// attention fused counts once more, as a miss.
+pub fn fusion_report(g: &Graph) -> FusionReport {
     let mut patterns = BTreeMap::new();
-    let g = fused;
     let count =
         |pred: &dyn Fn(&Op) -> bool| g.node_ids().filter(|&id| pred(&g.node(id).op)).count();
     let tally = |fused: usize, misses: Vec<Miss>| PatternReport {
@@ -83,40 +84,38 @@ pub fn fusion_report(_frontend: &Graph, fused: &Graph) -> FusionReport {
         "attention",
         tally(
             count(&|op| matches!(op, Op::Attention(_))),
-            anchors(g, |id| matches!(g.node(id).op, Op::Softmax { .. }))
-                .map(|id| attention_miss(g, id))
-                .collect(),
+            misses(
+                g,
+                |id| matches!(g.node(id).op, Op::Softmax { .. }),
+                |id| attention_miss(g, id),
+            ),
         ),
     );
     patterns.insert(
         "layernorm",
         tally(
             count(&|op| matches!(op, Op::LayerNorm { .. })),
-            anchors(g, |id| is_centering(g, id))
-                .map(|id| Miss {
-                    node: g.node(id).name.clone(),
-                    reason: format!(
-                        "x - mean(x) is not followed by the rest of a layer norm over the last axis \
-                         ((x - mean) / sqrt(mean((x - mean)^2) + eps) * gamma + beta); it is read by {}",
-                        users(g, id)
-                    ),
-                })
-                .collect(),
+            misses(
+                g,
+                |id| is_centering(g, id),
+                |id| {
+                    format!(
+                "x - mean(x) is not followed by the rest of a layer norm over the last axis \
+                 ((x - mean) / sqrt(mean((x - mean)^2) + eps) * gamma + beta); it is read by {}",
+                users(g, id)
+            )
+                },
+            ),
         ),
     );
     patterns.insert(
         "rmsnorm",
         tally(
             count(&|op| matches!(op, Op::RmsNorm { .. })),
-            anchors(g, |id| is_mean_square(g, id))
-                .map(|id| Miss {
-                    node: g.node(id).name.clone(),
-                    reason: format!(
-                        "mean(x^2) is not part of x / sqrt(mean(x^2) + eps) * gamma over the last axis; it is read by {}",
-                        users(g, id)
-                    ),
-                })
-                .collect(),
+            misses(g, |id| is_mean_square(g, id), |id| format!(
+                "mean(x^2) is not part of x / sqrt(mean(x^2) + eps) * gamma over the last axis; it is read by {}",
+                users(g, id)
+            )),
         ),
     );
     patterns.insert(
@@ -126,16 +125,15 @@ pub fn fusion_report(_frontend: &Graph, fused: &Graph) -> FusionReport {
                 matches!(op, Op::Unary(UnaryOp::Gelu | UnaryOp::GeluTanh))
                     || matches!(op, Op::Gemm(gemm) if matches!(gemm.activation, Some(UnaryOp::Gelu | UnaryOp::GeluTanh)))
             }),
-            anchors(g, |id| matches!(g.node(id).op, Op::Unary(UnaryOp::Erf)))
-                .map(|id| Miss {
-                    node: g.node(id).name.clone(),
-                    reason: format!(
-                        "erf is not inside x * 0.5 * (1 + erf(x / sqrt 2)); it reads {} and is read by {}",
-                        operands(g, id),
-                        users(g, id)
-                    ),
-                })
-                .collect(),
+            misses(
+                g,
+                |id| matches!(g.node(id).op, Op::Unary(UnaryOp::Erf)),
+                |id| format!(
+                    "erf is not inside x * 0.5 * (1 + erf(x / sqrt 2)); it reads {} and is read by {}",
+                    operands(g, id),
+                    users(g, id)
+                ),
+            ),
         ),
     );
     patterns.insert(
@@ -145,26 +143,35 @@ pub fn fusion_report(_frontend: &Graph, fused: &Graph) -> FusionReport {
                 matches!(op, Op::Unary(UnaryOp::Silu))
                     || matches!(op, Op::Gemm(gemm) if gemm.activation == Some(UnaryOp::Silu))
             }),
-            anchors(g, |id| matches!(g.node(id).op, Op::Unary(UnaryOp::Sigmoid)))
-                .map(|id| Miss {
-                    node: g.node(id).name.clone(),
-                    reason: format!(
+            misses(
+                g,
+                |id| matches!(g.node(id).op, Op::Unary(UnaryOp::Sigmoid)),
+                |id| {
+                    format!(
                         "sigmoid(x) is not multiplied by the same x; it is read by {}",
                         users(g, id)
-                    ),
-                })
-                .collect(),
+                    )
+                },
+            ),
         ),
     );
     FusionReport { patterns }
 }
 
-/// The nodes satisfying `pred`, in the graph's canonical order.
-fn anchors<'a>(
-    g: &'a Graph,
-    pred: impl Fn(NodeId) -> bool + 'a,
-) -> impl Iterator<Item = NodeId> + 'a {
-    g.order().into_iter().filter(move |&id| pred(id))
+/// The sites `anchor` marks, in the graph's canonical order, each with its `reason`.
+fn misses(
+    g: &Graph,
+    anchor: impl Fn(NodeId) -> bool,
+    reason: impl Fn(NodeId) -> String,
+) -> Vec<Miss> {
+    g.order()
+        .into_iter()
+        .filter(|&id| anchor(id))
+        .map(|id| Miss {
+            node: g.node(id).name.clone(),
+            reason: reason(id),
+        })
+        .collect()
 }
 
 fn describe(g: &Graph, id: NodeId) -> String {
@@ -221,26 +228,20 @@ fn is_mean_square(g: &Graph, id: NodeId) -> bool {
 
 /// Why the attention around `softmax` was not fused: the first part of
 /// `softmax(q @ k^T * scale + mask) @ v` that does not match.
-fn attention_miss(g: &Graph, softmax: NodeId) -> Miss {
-    let node = g.node(softmax).name.clone();
-    let miss = |reason: String| Miss {
-        node: node.clone(),
-        reason,
-    };
-    if !matches!(g.node(softmax).op, Op::Softmax { axis: -1 })
-        && !matches!(g.node(softmax).op, Op::Softmax { axis } if axis + g.node(softmax).ty.rank() as i64 == g.node(softmax).ty.rank() as i64 - 1)
-    {
-        return miss("softmax is not over the last axis".into());
+fn attention_miss(g: &Graph, softmax: NodeId) -> String {
+    let last = g.node(softmax).ty.rank() as i64 - 1;
+    if !matches!(g.node(softmax).op, Op::Softmax { axis } if axis == -1 || axis == last) {
+        return "softmax is not over the last axis".into();
     }
     let readers = g.users(softmax);
     let weighted = readers
         .iter()
         .all(|&u| matches!(g.node(u).op, Op::MatMul) && g.operands(u)[0] == softmax);
     if readers.is_empty() || !weighted {
-        return miss(format!(
+        return format!(
             "the probabilities must be read only as the left operand of a matmul with the values; they are read by {}",
             users(g, softmax)
-        ));
+        );
     }
     let mut scores = g.operands(softmax)[0];
     let mut steps = Vec::new();
@@ -268,7 +269,7 @@ fn attention_miss(g: &Graph, softmax: NodeId) -> Miss {
     }
     let product = g.node(scores);
     if !matches!(product.op, Op::MatMul) {
-        return miss(format!(
+        return format!(
             "after {} the scores come from {}, expected matmul(q, transpose(k, [0, 1, 3, 2]))",
             if steps.is_empty() {
                 "nothing".to_string()
@@ -276,20 +277,20 @@ fn attention_miss(g: &Graph, softmax: NodeId) -> Miss {
                 steps.join(", ")
             },
             describe(g, scores)
-        ));
+        );
     }
     let key = g.operands(scores)[1];
     if !matches!(&g.node(key).op, Op::Transpose { perm } if perm == &[0, 1, 3, 2]) {
-        return miss(format!(
+        return format!(
             "the keys of {} come from {}, expected a transpose of the last two axes of [batch, heads, seq, head_dim] keys",
             describe(g, scores),
             describe(g, key)
-        ));
+        );
     }
-    miss(format!(
+    format!(
         "the pattern's structure matched at {} but its values or types were refused: scale and fill must be constants, masks must broadcast to the scores, q/k/v must be [batch, heads, seq, head_dim]",
         describe(g, scores)
-    ))
+    )
 }
 
 /// The graph in Graphviz `dot` syntax: one box per node with its op and type, edges in operand

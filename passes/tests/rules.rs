@@ -359,3 +359,26 @@ fn layer_norm_not_fused_when_the_mean_is_not_of_the_same_tensor() {
     let fused = optimize(&layer_norm("%y"));
     assert!(!fused.contains("layer_norm("), "{fused}");
 }
+
+#[test]
+fn report_names_the_failing_part_of_an_unfused_attention() {
+    // A softmax over the last axis written as a positive axis (regression: the report called it
+    // "not over the last axis"); the mask's fill is not very negative, so nothing fuses.
+    let source = attention(
+        "  %masked = where(%keep, %scores, %two) : f32[1, 2, 8, 8]
+  %probs = softmax(%masked) {axis = 3} : f32[1, 2, 8, 8]",
+    );
+    let optimized = Pipeline::default()
+        .run(&text::parse(&source).unwrap())
+        .unwrap();
+    let report = kiln_passes::report::fusion_report(&optimized);
+    let attention = &report.patterns["attention"];
+    assert_eq!((attention.sites, attention.fused), (1, 0));
+    assert!(
+        attention.misses[0]
+            .reason
+            .contains("its values or types were refused"),
+        "{}",
+        attention.misses[0].reason
+    );
+}

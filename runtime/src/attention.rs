@@ -208,31 +208,26 @@ unsafe fn run_item(
     unsafe { item_body(call, dims, item, q_tiles, scratch) }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn item_avx512(
-    call: &AttentionCall,
-    dims: &Dims,
-    item: usize,
-    q_tiles: usize,
-    scratch: &mut Scratch,
-) {
-    // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX-512.
-    unsafe { item_body(call, dims, item, q_tiles, scratch) }
+/// [`item_body`] compiled for more CPU features, so that its loops vectorize for them.
+macro_rules! item_with_features {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            call: &AttentionCall,
+            dims: &Dims,
+            item: usize,
+            q_tiles: usize,
+            scratch: &mut Scratch,
+        ) {
+            // SAFETY: as the caller promised.
+            unsafe { item_body(call, dims, item, q_tiles, scratch) }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2(
-    call: &AttentionCall,
-    dims: &Dims,
-    item: usize,
-    q_tiles: usize,
-    scratch: &mut Scratch,
-) {
-    // SAFETY: as the caller promised; inlined here so its loops vectorize for AVX2.
-    unsafe { item_body(call, dims, item, q_tiles, scratch) }
-}
+item_with_features!(item_avx512, "avx512f,avx2,fma");
+item_with_features!(item_avx2, "avx2,fma");
 
 /// One (batch, head, query tile) item with the online softmax over key tiles. Both products of
 /// a tile, scores `Q K^T` and the weighted values `P V`, are the runtime's matrix product (on
