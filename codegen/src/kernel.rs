@@ -21,8 +21,8 @@ use kiln_runtime::spec::{
     STATUS_ODD_HEAD_DIM as ODD_HEAD_DIM,
 };
 use kiln_runtime::vector::{
-    ERFC_SCALED_LARGE, ERF_SMALL, EXP_LN2_HIGH, EXP_LN2_LOW, EXP_OVERFLOW, EXP_POLYNOMIAL,
-    EXP_UNDERFLOW,
+    Function, ERFC_SCALED_LARGE, ERF_SMALL, EXP_LN2_HIGH, EXP_LN2_LOW, EXP_OVERFLOW,
+    EXP_POLYNOMIAL, EXP_UNDERFLOW,
 };
 
 /// Whether [`build`] lowers this op with these operand types.
@@ -232,6 +232,19 @@ fn whole_tensor_routine(op: &Op, dtype: DType) -> Option<&'static str> {
         (Op::Unary(UnaryOp::GeluTanh), DType::F32) => Some("kiln_map_gelu_tanh"),
         _ => None,
     }
+}
+
+/// The runtime's lane function for an activation, if it has one.
+fn runtime_function(op: UnaryOp) -> Option<Function> {
+    Some(match op {
+        UnaryOp::Erf => Function::Erf,
+        UnaryOp::Gelu => Function::Gelu,
+        UnaryOp::Tanh => Function::Tanh,
+        UnaryOp::GeluTanh => Function::GeluTanh,
+        UnaryOp::Silu => Function::Silu,
+        UnaryOp::Relu => Function::Relu,
+        _ => return None,
+    })
 }
 
 /// Whether an elementwise op has a four-lane form: f32 in and out, and an op computed as code
@@ -508,6 +521,22 @@ impl<'b> Kernel<'b> {
     }
 
     /// Calls a runtime function of i64 arguments (sizes and addresses) returning nothing.
+    /// The address of a record of 64-bit `fields` on the stack, for runtime calls that take
+    /// their arguments as a `#[repr(C)]` struct.
+    fn stack_record(&mut self, fields: &[Value]) -> Value {
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            8 * fields.len() as u32,
+            3,
+        ));
+        for (i, &field) in fields.iter().enumerate() {
+            self.b
+                .ins()
+                .stack_store(types::I64, field, slot, 8 * i as i32);
+        }
+        self.b.ins().stack_addr(types::I64, slot, 0)
+    }
+
     fn call_void(&mut self, symbol: &str, args: &[Value]) -> Result<(), String> {
         let mut sig = self.module.make_signature();
         for _ in args {
@@ -1094,6 +1123,18 @@ impl<'b> Kernel<'b> {
         let activation = epilogue.activation;
         // Rows of b are contiguous along n unless b is stored transposed or is a vector.
         let contiguous_n = !epilogue.trans_b && b_rank >= 2;
+        // The runtime's product finishes its own blocks when the bias is one value per column
+        // and it has the activation's lanes; otherwise a loop after it does.
+        let column_bias = !epilogue.bias || {
+            let dims = &operands[2].shape.0;
+            dims.last().is_some_and(|d| *d != Dim::Const(1))
+                && dims[..dims.len() - 1].iter().all(|d| *d == Dim::Const(1))
+        };
+        let runtime_activation = match activation {
+            None => Some(0),
+            Some(op) => runtime_function(op).map(|f| f as i64),
+        };
+        let in_product = column_bias.then_some(runtime_activation).flatten();
         self.nest(
             &out_dims[..batch],
             &[out_batch, a_batch, b_batch, bias_batch],
@@ -1110,17 +1151,32 @@ impl<'b> Kernel<'b> {
                     // weight or from a row-major b.
                     let a_at = k.address(a, ab, DType::F32);
                     let c_at = k.address(out, ob, DType::F32);
+                    let finish_in_product = in_product.filter(|_| !finish.is_identity());
+                    let epilogue = match finish_in_product {
+                        Some(code) => {
+                            let residual_at = match residual {
+                                Some(r) => k.address(r, ob, DType::F32),
+                                None => zero,
+                            };
+                            let code = k.iconst(code);
+                            k.stack_record(&[bias_ptr.unwrap_or(zero), code, residual_at])
+                        }
+                        None => zero,
+                    };
                     match packed {
                         Some(panels) => k.call_void(
                             "kiln_sgemm_packed",
-                            &[m, n, kk, a_at, kk, panels, c_at, n],
+                            &[m, n, kk, a_at, kk, panels, c_at, n, epilogue],
                         )?,
                         None => {
                             let b_at = k.address(bm, bb, DType::F32);
-                            k.call_void("kiln_sgemm", &[m, n, kk, a_at, kk, b_at, b_k, c_at, n])?
+                            k.call_void(
+                                "kiln_sgemm",
+                                &[m, n, kk, a_at, kk, b_at, b_k, c_at, n, epilogue],
+                            )?
                         }
                     }
-                    if finish.is_identity() {
+                    if finish.is_identity() || finish_in_product.is_some() {
                         return Ok(());
                     }
                     return k.for_range(m, &mut |k, i| {
@@ -2094,17 +2150,7 @@ impl<'b> Kernel<'b> {
                 tile_k,
             ])
             .collect();
-        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
-            StackSlotKind::ExplicitSlot,
-            8 * fields.len() as u32,
-            3,
-        ));
-        for (i, &field) in fields.iter().enumerate() {
-            self.b
-                .ins()
-                .stack_store(types::I64, field, slot, 8 * i as i32);
-        }
-        let call = self.b.ins().stack_addr(types::I64, slot, 0);
+        let call = self.stack_record(&fields);
         let mut sig = self.module.make_signature();
         sig.params.push(AbiParam::new(types::I64));
         sig.returns.push(AbiParam::new(types::I64));

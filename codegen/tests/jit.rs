@@ -397,6 +397,10 @@ fn gemm_epilogues_and_vector_matmuls_match_the_interpreter() {
         (false, false, "none", false),
         (false, true, "silu", false),
         (true, false, "tanh", true),
+        (false, true, "relu", true),
+        (false, true, "gelu_tanh", true),
+        (true, true, "erf", false),
+        (false, true, "sigmoid", true),
     ] {
         let operands = format!(
             "%a, %w{}{}",
@@ -407,6 +411,10 @@ fn gemm_epilogues_and_vector_matmuls_match_the_interpreter() {
             "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %r : f32[2, 3, 4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %b = const \"b\" [0.5, -0.5, 0.25, 0.0] : f32[4]\n  %y = gemm({operands}) {{trans_b = {trans_b}, bias = {bias}, activation = {activation}, residual = {residual}}}\n  output \"y\" = %y\n  output \"r\" = %r\n  output \"bias\" = %b\n}}"
         ));
     }
+    // A bias that is not one value per column takes the loop after the product.
+    check_text_graph(&format!(
+        "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %r : f32[2, 3, 4]\n  input %b : f32[3, 1]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %y = gemm(%a, %w, %b, %r) {{trans_b = false, bias = true, activation = gelu, residual = true}}\n  output \"y\" = %y\n}}"
+    ));
     check_text_graph(&format!(
         "graph \"g\" {{\n  input %v : f32[4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %vm = matmul(%v, %w) : f32[4]\n  %mv = matmul(%w, %v) : f32[4]\n  %dot = matmul(%v, %v) : f32[]\n  output \"vm\" = %vm\n  output \"mv\" = %mv\n  output \"dot\" = %dot\n}}"
     ));

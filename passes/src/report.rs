@@ -2,6 +2,7 @@
 //! final graph fused, and for each site left unfused, which part of the pattern did not match
 //! and where. Also Graphviz output of a graph.
 
+use crate::egraph::EPILOGUE_ACTIVATIONS;
 use kiln_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use kiln_ir::{Graph, NodeId, Op};
 use std::collections::BTreeMap;
@@ -30,7 +31,7 @@ pub struct PatternReport {
 /// Every pattern's tally, by pattern name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FusionReport {
-    /// By pattern name: `attention`, `layernorm`, `rmsnorm`, `gelu`, `silu`.
+    /// By pattern name: `attention`, `epilogue`, `gelu`, `layernorm`, `rmsnorm`, `silu`.
     pub patterns: BTreeMap<&'static str, PatternReport>,
 }
 
@@ -155,7 +156,44 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
             ),
         ),
     );
+    patterns.insert(
+        "epilogue",
+        tally(
+            count(&|op| {
+                matches!(op, Op::Gemm(gemm) if gemm.bias || gemm.activation.is_some() || gemm.residual)
+            }),
+            misses(
+                g,
+                |id| is_finished_product(g, id),
+                |id| {
+                    format!(
+                        "the matrix product's bias, activation or residual add stays a separate op; it is read by {}",
+                        users(g, id)
+                    )
+                },
+            ),
+        ),
+    );
     FusionReport { patterns }
+}
+
+/// A matrix product by a 2-D operand, without an epilogue, read by an add or an activation a
+/// gemm epilogue takes.
+fn is_finished_product(g: &Graph, id: NodeId) -> bool {
+    let plain_product = match &g.node(id).op {
+        Op::MatMul => {
+            let operands = g.operands(id);
+            g.node(operands[0]).ty.rank() >= 2 && g.node(operands[1]).ty.rank() == 2
+        }
+        Op::Gemm(gemm) => !gemm.bias && gemm.activation.is_none() && !gemm.residual,
+        _ => false,
+    };
+    plain_product
+        && g.users(id).into_iter().any(|user| match g.node(user).op {
+            Op::Binary(BinaryOp::Add) => true,
+            Op::Unary(unary) => EPILOGUE_ACTIVATIONS.contains(&unary),
+            _ => false,
+        })
 }
 
 /// The sites `anchor` marks, in the graph's canonical order, each with its `reason`.

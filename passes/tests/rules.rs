@@ -382,3 +382,43 @@ fn report_names_the_failing_part_of_an_unfused_attention() {
         attention.misses[0].reason
     );
 }
+
+#[test]
+fn matmul_epilogues_fuse_bias_activation_and_residual() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "ffn" {
+  input %x : f32[2, 3, 4]
+  %w_in = const "w_in" [0.5, -1.0, 0.25, 2.0, -0.5, 1.5, 0.75, -0.25, 1.0, 0.125, -2.0, 0.5, 0.375, -0.75, 1.25, -1.5, 0.5, 1.0, -1.0, 0.25, 2.0, -0.5, 1.5, 0.75, -0.25, 1.0, 0.125, -2.0, 0.5, 0.375, -0.75, 1.25] : f32[4, 8]
+  %b_in = const "b_in" [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8] : f32[8]
+  %w_out = const "w_out" [1.0, -0.5, 0.25, 0.5, -1.0, 0.75, -0.25, 2.0, 0.5, -1.5, 1.0, 0.125, -0.75, 0.25, 1.25, -0.5, 0.5, 1.0, -1.0, 0.25, 2.0, -0.5, 1.5, 0.75, -0.25, 1.0, 0.125, -2.0, 0.5, 0.375, -0.75, 1.25] : f32[8, 4]
+  %b_out = const "b_out" [0.25, -0.25, 0.5, -0.5] : f32[4]
+  %up = matmul(%x, %w_in) : f32[2, 3, 8]
+  %up_biased = add(%b_in, %up) : f32[2, 3, 8]
+  %hidden = gelu(%up_biased) : f32[2, 3, 8]
+  %down = matmul(%hidden, %w_out) : f32[2, 3, 4]
+  %down_biased = add(%down, %b_out) : f32[2, 3, 4]
+  %residual = add(%x, %down_biased) : f32[2, 3, 4]
+  output "y" = %residual
+}"#
+    ));
+}
+
+#[test]
+fn matmul_epilogue_keeps_its_order() {
+    // A bias added after the activation, and a product by a batch of matrices, stay unfused.
+    insta::assert_snapshot!(optimize(
+        r#"graph "unfused" {
+  input %x : f32[3, 2]
+  input %y : f32[4, 3, 2]
+  %w = const "w" [0.5, -1.0, 0.25, 2.0, -0.5, 1.5] : f32[2, 3]
+  %b = const "b" [0.1, -0.2, 0.3] : f32[3]
+  %b2 = const "b2" [0.5, -0.5] : f32[2]
+  %product = matmul(%x, %w) : f32[3, 3]
+  %activated = relu(%product) : f32[3, 3]
+  %biased = add(%activated, %b) : f32[3, 3]
+  %batched = matmul(%biased, %y) : f32[4, 3, 2]
+  %shifted = add(%batched, %b2) : f32[4, 3, 2]
+  output "z" = %shifted
+}"#
+    ));
+}

@@ -30,6 +30,7 @@ fn products(c: &mut Criterion) {
                     ni,
                     out.as_mut_ptr(),
                     ni,
+                    std::ptr::null(),
                 )
             })
         });
@@ -45,6 +46,7 @@ fn products(c: &mut Criterion) {
                     packed.as_ptr(),
                     out.as_mut_ptr(),
                     ni,
+                    std::ptr::null(),
                 )
             })
         });
@@ -66,6 +68,7 @@ fn products(c: &mut Criterion) {
                         copies[next].as_ptr(),
                         out.as_mut_ptr(),
                         ni,
+                        std::ptr::null(),
                     )
                 }
             })

@@ -317,6 +317,7 @@ unsafe fn item_body(
                 n,
                 scores.as_mut_ptr(),
                 n,
+                std::ptr::null(),
             )
         };
         for (r, i) in rows.clone().enumerate() {
@@ -393,6 +394,7 @@ unsafe fn item_body(
                 n,
                 weighted.as_mut_ptr(),
                 n,
+                std::ptr::null(),
             )
         };
         for (a, &w) in acc[..n_rows * dv].iter_mut().zip(&weighted[..n_rows * dv]) {

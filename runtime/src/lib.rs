@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use attention::{kiln_attention, AttentionCall};
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
-pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, PANEL};
+pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, Epilogue, PANEL};
 pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the

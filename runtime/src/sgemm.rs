@@ -7,6 +7,7 @@
 //! row. A packed panel is contiguous (`k` rows of [`PANEL`] floats, zero beyond `n`), so the
 //! stream is sequential; a plain `B` is read in place at its stride.
 
+use crate::vector::Function;
 use std::sync::OnceLock;
 
 /// Columns per panel of a packed `B`.
@@ -33,17 +34,94 @@ fn panel_kernel() -> PanelKernel {
     })
 }
 
+/// What a product does to each block of `C` it finishes, while the block is still in cache:
+/// `C = activation(C + bias) + residual`. Generated code fuses a matrix product's bias,
+/// activation and residual add into it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue {
+    /// `n` values, one per column, added to every row; or null.
+    pub bias: *const f32,
+    /// The [`Function`] code applied after the bias; 0 (or any other code) for none.
+    pub activation: i64,
+    /// A matrix of `C`'s shape, rows `ldc` apart, added last; or null.
+    pub residual: *const f32,
+}
+
+/// An [`Epilogue`] as plain addresses, shareable between the team's threads.
+#[derive(Clone, Copy)]
+struct Finish {
+    bias: usize,
+    activation: Option<Function>,
+    residual: usize,
+}
+
+impl Finish {
+    /// # Safety
+    /// `epilogue` is null or points to an [`Epilogue`].
+    unsafe fn new(epilogue: *const Epilogue) -> Option<Finish> {
+        // SAFETY: the caller's contract.
+        let epilogue = unsafe { epilogue.as_ref() }?;
+        let finish = Finish {
+            bias: epilogue.bias as usize,
+            activation: Function::from_code(epilogue.activation),
+            residual: epilogue.residual as usize,
+        };
+        (finish.bias != 0 || finish.activation.is_some() || finish.residual != 0).then_some(finish)
+    }
+
+    /// Finishes columns `j..j + width` of rows `rows` of `C`.
+    ///
+    /// # Safety
+    /// Those elements of `C`, of the bias and of the residual exist, rows `ldc` apart.
+    unsafe fn apply(
+        &self,
+        rows: std::ops::Range<usize>,
+        j: usize,
+        width: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: the caller's contract; C does not overlap the bias or the residual.
+        let bias = (self.bias != 0).then(|| unsafe {
+            std::slice::from_raw_parts((self.bias as *const f32).add(j), width)
+        });
+        for i in rows {
+            // SAFETY: as above.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc + j), width) };
+            if let Some(bias) = bias {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+            if let Some(function) = self.activation {
+                crate::vector::apply_in_place(function, row);
+            }
+            if self.residual != 0 {
+                // SAFETY: as above.
+                let residual = unsafe {
+                    std::slice::from_raw_parts(
+                        (self.residual as *const f32).add(i * ldc + j),
+                        width,
+                    )
+                };
+                row.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+            }
+        }
+    }
+}
+
 /// Converts a C API size or stride; negative ones make the product empty.
 fn size(value: i64) -> usize {
     usize::try_from(value).unwrap_or(0)
 }
 
-/// `C = A · B` over f32: `A` is `m × k` with row stride `lda`, `B` is `k × n` with row stride
-/// `ldb`, `C` is `m × n` with row stride `ldc` (all in elements). `C` is overwritten.
+/// `C = A · B` over f32, then the `epilogue` if it is not null: `A` is `m × k` with row stride
+/// `lda`, `B` is `k × n` with row stride `ldb`, `C` is `m × n` with row stride `ldc` (all in
+/// elements). `C` is overwritten.
 ///
 /// # Safety
 /// The pointers must address buffers holding the matrices at those strides, and `C` must not
-/// overlap `A` or `B`. Negative sizes or strides are treated as an empty product.
+/// overlap `A`, `B` or the epilogue's operands. Negative sizes or strides are treated as an
+/// empty product.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_sgemm(
     m: i64,
@@ -55,6 +133,7 @@ pub unsafe extern "C" fn kiln_sgemm(
     ldb: i64,
     c: *mut f32,
     ldc: i64,
+    epilogue: *const Epilogue,
 ) {
     let [m, n, k, lda, ldb, ldc] = [m, n, k, lda, ldb, ldc].map(size);
     let b = b as usize;
@@ -70,12 +149,13 @@ pub unsafe extern "C" fn kiln_sgemm(
             ldc,
             &|_, j| (b as *const f32).wrapping_add(j),
             ldb,
+            Finish::new(epilogue),
         )
     }
 }
 
-/// `C = A · B` with `B` packed by [`pack_b`]: `A` is `m × k` with row stride `lda`, `C` is `m × n`
-/// with row stride `ldc`. `C` is overwritten.
+/// `C = A · B` with `B` packed by [`pack_b`], then the `epilogue` if it is not null: `A` is
+/// `m × k` with row stride `lda`, `C` is `m × n` with row stride `ldc`. `C` is overwritten.
 ///
 /// # Safety
 /// `b_packed` must hold `B` packed for these `k` and `n`; `A` and `C` as for [`kiln_sgemm`].
@@ -89,6 +169,7 @@ pub unsafe extern "C" fn kiln_sgemm_packed(
     b_packed: *const f32,
     c: *mut f32,
     ldc: i64,
+    epilogue: *const Epilogue,
 ) {
     let [m, n, k, lda, ldc] = [m, n, k, lda, ldc].map(size);
     let b = b_packed as usize;
@@ -105,13 +186,15 @@ pub unsafe extern "C" fn kiln_sgemm_packed(
             ldc,
             &|q, _| (b as *const f32).wrapping_add(q * k * PANEL),
             PANEL,
+            Finish::new(epilogue),
         )
     }
 }
 
 /// Computes every panel of `C`, on the run's thread team when there is one: whole panels per
 /// thread when there are enough of them, otherwise blocks of rows. `panel(q, j)` is the start
-/// of panel `q` (first column `j`) of `B`, whose rows are `ldb` apart.
+/// of panel `q` (first column `j`) of `B`, whose rows are `ldb` apart. Each block is finished
+/// right after it is computed.
 ///
 /// # Safety
 /// As [`kiln_sgemm`], with `panel` giving pointers inside `B`.
@@ -126,6 +209,7 @@ unsafe fn product(
     ldc: usize,
     panel: &(dyn Fn(usize, usize) -> *const f32 + Sync),
     ldb: usize,
+    finish: Option<Finish>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -138,24 +222,29 @@ unsafe fn product(
     let compute = |rows: std::ops::Range<usize>, quads: std::ops::Range<usize>| {
         for q in quads {
             let j = q * PANEL;
-            let (a, c) = (
+            let (a_rows, c_block) = (
                 (a as *const f32).wrapping_add(rows.start * lda),
                 (c as *mut f32).wrapping_add(rows.start * ldc + j),
             );
+            let width = PANEL.min(n - j);
             // SAFETY: rows `rows` of A and C and panel q are inside the matrices.
             unsafe {
                 kernel(
                     rows.len(),
-                    PANEL.min(n - j),
+                    width,
                     k,
-                    a,
+                    a_rows,
                     lda,
                     panel(q, j),
                     ldb,
-                    c,
+                    c_block,
                     ldc,
                 )
             };
+            if let Some(finish) = finish {
+                // SAFETY: the block just computed, inside C and the epilogue's operands.
+                unsafe { finish.apply(rows.clone(), j, width, c as *mut f32, ldc) };
+            }
         }
     };
     if threads < 2 || m * n * k < PARALLEL_WORK {
@@ -569,11 +658,48 @@ mod tests {
             }
             // SAFETY: as above, through the exported entry points.
             check("kiln_sgemm", m, n, &expected, |c, ldc| unsafe {
-                kiln_sgemm(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, b.as_ptr(), n as i64, c, ldc as i64)
+                kiln_sgemm(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, b.as_ptr(), n as i64, c, ldc as i64, std::ptr::null())
             })?;
             // SAFETY: as above.
             check("kiln_sgemm_packed", m, n, &expected, |c, ldc| unsafe {
-                kiln_sgemm_packed(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, packed.as_ptr(), c, ldc as i64)
+                kiln_sgemm_packed(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, packed.as_ptr(), c, ldc as i64, std::ptr::null())
+            })?;
+        }
+
+        /// The epilogue, `activation(C + bias) + residual`, on both entry points, with a residual
+        /// at C's row stride.
+        #[test]
+        fn the_epilogue_finishes_every_block(m in 1usize..30, n in 1usize..70, k in 1usize..20, function in 0usize..7, seed in any::<u32>()) {
+            let value = |i: usize| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0;
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 7919)).collect();
+            let bias: Vec<f32> = (0..n).map(|i| value(i + 31)).collect();
+            let ldc = n + 2;
+            let residual: Vec<f32> = (0..m * ldc).map(|i| value(i + 101)).collect();
+            let activation = Function::ALL.get(function).copied();
+            let expected: Vec<f64> = naive(m, n, k, &a, &b)
+                .iter()
+                .enumerate()
+                .map(|(e, &sum)| {
+                    let biased = sum + f64::from(bias[e % n]);
+                    let activated = activation.map_or(biased, |f| f64::from(f.scalar(biased as f32)));
+                    activated + f64::from(residual[(e / n) * ldc + 1 + e % n])
+                })
+                .collect();
+            let epilogue = Epilogue {
+                bias: bias.as_ptr(),
+                activation: activation.map_or(0, |f| f as i64),
+                // SAFETY: the residual's first element is at C's offset inside its buffer.
+                residual: unsafe { residual.as_ptr().add(1) },
+            };
+            let packed = pack_b(k, n, &b, false);
+            // SAFETY: the buffers hold the matrices at these strides.
+            check("kiln_sgemm with an epilogue", m, n, &expected, |c, ldc| unsafe {
+                kiln_sgemm(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, b.as_ptr(), n as i64, c, ldc as i64, &epilogue)
+            })?;
+            // SAFETY: as above.
+            check("kiln_sgemm_packed with an epilogue", m, n, &expected, |c, ldc| unsafe {
+                kiln_sgemm_packed(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, packed.as_ptr(), c, ldc as i64, &epilogue)
             })?;
         }
     }

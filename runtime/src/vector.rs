@@ -166,6 +166,23 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x * (numerator / (1.0 + e))
 }
 
+/// SiLU, `x sigmoid(x)`, scalar, as the generated code computes it: with `e = e^(-|x|)`,
+/// `x / (1 + e)` for `x >= 0` and `x e / (1 + e)` below, so that `e` never overflows.
+pub fn silu(x: f32) -> f32 {
+    let e = exp(-x.abs());
+    let numerator = if x < 0.0 { e } else { 1.0 };
+    x * (numerator / (1.0 + e))
+}
+
+/// `max(x, 0)`, keeping NaN and `-0`.
+pub fn relu(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
 /// Softmax of one row of `len` f32 from `x` into `y`, which may be the same row: each element
 /// is read before it is written.
 ///
@@ -243,32 +260,80 @@ pub(crate) fn split(items: usize, elements: usize, body: &(dyn Fn(std::ops::Rang
     });
 }
 
-/// The functions [`map`] applies over a run of values.
-#[derive(Clone, Copy)]
-enum Function {
-    Erf,
-    Gelu,
-    Tanh,
-    GeluTanh,
+/// The functions [`map`] and the matrix product's epilogue apply over a run of values; the
+/// discriminant is the code generated code passes for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i64)]
+pub enum Function {
+    /// [`erf`].
+    Erf = 1,
+    /// [`gelu`].
+    Gelu = 2,
+    /// [`tanh`].
+    Tanh = 3,
+    /// [`gelu_tanh`].
+    GeluTanh = 4,
+    /// [`silu`].
+    Silu = 5,
+    /// [`relu`].
+    Relu = 6,
 }
 
 impl Function {
-    #[cfg(test)]
-    const ALL: [Function; 4] = [
+    /// Every function.
+    pub const ALL: [Function; 6] = [
         Function::Erf,
         Function::Gelu,
         Function::Tanh,
         Function::GeluTanh,
+        Function::Silu,
+        Function::Relu,
     ];
 
-    fn scalar(self, x: f32) -> f32 {
+    /// The function with this code.
+    pub fn from_code(code: i64) -> Option<Function> {
+        Function::ALL.into_iter().find(|f| *f as i64 == code)
+    }
+
+    /// The function of one value.
+    pub fn scalar(self, x: f32) -> f32 {
         match self {
             Function::Erf => erf(x),
             Function::Gelu => gelu(x),
             Function::Tanh => tanh(x),
             Function::GeluTanh => gelu_tanh(x),
+            Function::Silu => silu(x),
+            Function::Relu => relu(x),
         }
     }
+}
+
+/// `y[i] = f(x[i])` for `i < n` on this thread, with the widest lanes the CPU has.
+///
+/// # Safety
+/// As [`map`].
+unsafe fn map_run(function: Function, n: usize, x: *const f32, y: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F; the buffers as the caller promised.
+            return unsafe { avx512::map(function, n, x, y) };
+        }
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; as above.
+            return unsafe { avx2::map(function, n, x, y) };
+        }
+    }
+    for i in 0..n {
+        // SAFETY: element i of both buffers exists (caller's contract).
+        unsafe { *y.add(i) = function.scalar(*x.add(i)) };
+    }
+}
+
+/// `x[i] = f(x[i])` on this thread.
+pub(crate) fn apply_in_place(function: Function, x: &mut [f32]) {
+    // SAFETY: the slice holds its length in f32, read before written element by element.
+    unsafe { map_run(function, x.len(), x.as_ptr(), x.as_mut_ptr()) }
 }
 
 /// `y[i] = f(x[i])` for `i < n`, split over the run's team, 16 lanes where the CPU has AVX-512.
@@ -279,24 +344,14 @@ unsafe fn map(function: Function, n: i64, x: *const f32, y: *mut f32) {
     let n = usize::try_from(n).unwrap_or(0);
     let (x, y) = (x as usize, y as usize);
     split(n, n, &|range| {
-        let (x, y) = (
-            (x as *const f32).wrapping_add(range.start),
-            (y as *mut f32).wrapping_add(range.start),
-        );
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx512() {
-                // SAFETY: the CPU has AVX-512F; this range of the buffers as the caller promised.
-                return unsafe { avx512::map(function, range.len(), x, y) };
-            }
-            if avx2_fma() {
-                // SAFETY: the CPU has AVX2 and FMA; as above.
-                return unsafe { avx2::map(function, range.len(), x, y) };
-            }
-        }
-        for i in 0..range.len() {
-            // SAFETY: element i of both buffers exists (caller's contract).
-            unsafe { *y.add(i) = function.scalar(*x.add(i)) };
+        // SAFETY: this range of the buffers, as the caller promised.
+        unsafe {
+            map_run(
+                function,
+                range.len(),
+                (x as *const f32).wrapping_add(range.start),
+                (y as *mut f32).wrapping_add(range.start),
+            )
         }
     });
 }
@@ -436,6 +491,14 @@ macro_rules! lane_math {
             mul(mul(splat(0.5), x), one_plus_erf)
         }
 
+        /// [`super::silu`] on every lane.
+        #[target_feature(enable = $feature)]
+        fn silu(x: $v) -> $v {
+            let e = exp(negate(abs(x)));
+            let numerator = select(lt(x, splat(0.0)), e, splat(1.0));
+            mul(x, div(numerator, add(splat(1.0), e)))
+        }
+
         #[target_feature(enable = $feature)]
         fn apply(function: Function, v: $v) -> $v {
             match function {
@@ -443,6 +506,8 @@ macro_rules! lane_math {
                 Function::Gelu => gelu(v),
                 Function::Tanh => tanh(v),
                 Function::GeluTanh => gelu_tanh(v),
+                Function::Silu => silu(v),
+                Function::Relu => select(lt(v, splat(0.0)), splat(0.0), v),
             }
         }
     };

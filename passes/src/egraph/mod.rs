@@ -7,6 +7,7 @@ mod lang;
 mod rules;
 
 pub use lang::{ClassData, LeafName, OpLabel, ScalarLeaf, TensorLang, TypeAnalysis};
+pub use rules::EPILOGUE_ACTIVATIONS;
 
 use crate::cleanup::{drop_unused_weights, Rebuild};
 use crate::pipeline::PassOutput;

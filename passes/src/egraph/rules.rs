@@ -6,8 +6,8 @@
 
 use super::lang::{EGraph, OpLabel, ScalarLeaf, TensorLang, TypeAnalysis};
 use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Var};
-use kiln_ir::ops::{Attention, BinaryOp, MaskSpec, UnaryOp};
-use kiln_ir::{DType, Op, F32};
+use kiln_ir::ops::{Attention, BinaryOp, Gemm, MaskSpec, UnaryOp};
+use kiln_ir::{DType, Op, TensorType, F32};
 use std::sync::Arc;
 
 type Rule = Rewrite<TensorLang, TypeAnalysis>;
@@ -743,6 +743,124 @@ impl Rewriter for SharedKeyValues {
     }
 }
 
+/// The matrix products in a class, as gemms: a `matmul` of a rank >= 2 operand by a 2-D one is
+/// a gemm with no epilogue.
+fn products(egraph: &EGraph, class: Id) -> Vec<(Gemm, Vec<Id>)> {
+    let rank = |id: Id| egraph[id].data.ty.as_ref().map(TensorType::rank);
+    egraph[class]
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let TensorLang::Op(label, children) = node else {
+                return None;
+            };
+            match label.op() {
+                Op::MatMul if rank(children[1]) == Some(2) && rank(children[0]) >= Some(2) => {
+                    let plain = Gemm {
+                        trans_b: false,
+                        bias: false,
+                        activation: None,
+                        residual: false,
+                    };
+                    Some((plain, children.clone()))
+                }
+                Op::Gemm(gemm) => Some((*gemm, children.clone())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// One more step of a gemm's epilogue, `activation(a @ b + bias) + residual`, taken in order.
+#[derive(Clone, Copy)]
+enum EpilogueStep {
+    /// `product + ?other`: a bias when `?other` broadcasts, a residual when it has the
+    /// product's shape.
+    Add,
+    /// `activation(product)`.
+    Activation(UnaryOp),
+}
+
+/// Fuses a bias, an activation or a residual add into the matrix product under `?product`.
+struct FuseEpilogue(EpilogueStep);
+
+impl Rewriter for FuseEpilogue {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
+        let Some(class_ty) = egraph[class].data.ty.clone() else {
+            return vec![];
+        };
+        let mut changed = Vec::new();
+        for (gemm, mut children) in products(egraph, subst[var("?product")]) {
+            let fused = match self.0 {
+                EpilogueStep::Activation(activation) => {
+                    if gemm.activation.is_some() || gemm.residual {
+                        continue;
+                    }
+                    Gemm {
+                        activation: Some(activation),
+                        ..gemm
+                    }
+                }
+                EpilogueStep::Add => {
+                    let other = subst[var("?other")];
+                    let Some(other_ty) = egraph[other].data.ty.as_ref() else {
+                        continue;
+                    };
+                    if other_ty.equiv(&class_ty) {
+                        if gemm.residual {
+                            continue;
+                        }
+                        children.push(other);
+                        Gemm {
+                            residual: true,
+                            ..gemm
+                        }
+                    } else {
+                        if gemm.bias || gemm.activation.is_some() || gemm.residual {
+                            continue;
+                        }
+                        children.insert(2, other);
+                        Gemm { bias: true, ..gemm }
+                    }
+                }
+            };
+            changed.extend(add_checked(egraph, class, op(Op::Gemm(fused), children)));
+        }
+        changed
+    }
+}
+
+/// Activations a matrix product's epilogue takes.
+pub const EPILOGUE_ACTIVATIONS: [UnaryOp; 5] = [
+    UnaryOp::Gelu,
+    UnaryOp::GeluTanh,
+    UnaryOp::Silu,
+    UnaryOp::Relu,
+    UnaryOp::Tanh,
+];
+
+fn epilogue_rules() -> Vec<Rule> {
+    let mut rules: Vec<Rule> = commuted("add", "?product", "?other")
+        .iter()
+        .enumerate()
+        .map(|(i, form)| {
+            rule(
+                &format!("fuse-gemm-add-{i}"),
+                form,
+                FuseEpilogue(EpilogueStep::Add),
+            )
+        })
+        .collect();
+    for activation in EPILOGUE_ACTIVATIONS {
+        rules.push(rule(
+            &format!("fuse-gemm-{}", activation.name()),
+            &format!("({} ?product)", activation.name()),
+            FuseEpilogue(EpilogueStep::Activation(activation)),
+        ));
+    }
+    rules
+}
+
 /// The fusion rules.
 pub fn fusion() -> Vec<Rule> {
     let mut rules = attention_rules();
@@ -756,5 +874,6 @@ pub fn fusion() -> Vec<Rule> {
     );
     rules.extend(activation_rules());
     rules.extend(norm_rules());
+    rules.extend(epilogue_rules());
     rules
 }
