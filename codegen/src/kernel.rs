@@ -649,14 +649,12 @@ impl<'b> Kernel<'b> {
                 self.gemm(&node.ty, &operands, out, &inputs, *epilogue, packed)
             }
             Op::Attention(attention) => self.attention(attention, &operands, out, &inputs),
-            Op::Rope { theta, interleaved } => self.rope(
+            Op::Rope { interleaved } => self.rope(
                 &node.ty,
-                operands[1],
-                theta.0,
+                [operands[1], operands[2]],
                 *interleaved,
                 out,
-                inputs[0],
-                inputs[1],
+                &inputs,
             ),
             Op::Softmax { axis } => self.softmax(&node.ty, *axis, out, inputs[0]),
             Op::Reduce {
@@ -2165,68 +2163,31 @@ impl<'b> Kernel<'b> {
         Ok(())
     }
 
-    /// Rotary embedding of `[b, h, s, d]` at positions broadcast to `[b, s]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Rotary embedding of `[b, h, s, d]` by cos and sin tables broadcast to it, in the runtime.
     fn rope(
         &mut self,
         ty: &TensorType,
-        positions_ty: &TensorType,
-        theta: f32,
+        tables: [&TensorType; 2],
         interleaved: bool,
         out: Value,
-        x: Value,
-        positions: Value,
+        inputs: &[Value],
     ) -> Result<(), String> {
         let dims = self.dims(ty);
-        let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
-        let position_ty = TensorType::new(
-            positions_ty.dtype,
-            kiln_ir::Shape(positions_ty.shape.0.clone()),
-        );
-        let position_strides = self.broadcast_strides(&position_ty, 2);
-        let half = self.b.ins().sdiv_imm_s(d, 2);
-        let odd = self.b.ins().band_imm_s(d, 1);
+        let odd = self.b.ins().band_imm_s(dims[3], 1);
         let is_odd = self.b.ins().icmp_imm_s(IntCC::NotEqual, odd, 0);
         self.fail_if(is_odd, ODD_HEAD_DIM);
-        let position_dtype = positions_ty.dtype;
-        self.for_range(batch, &mut |k, bi| {
-            k.for_range(heads, &mut |k, hi| {
-                k.for_range(seq, &mut |k, si| {
-                    let p_at = k.b.ins().imul(bi, position_strides[0]);
-                    let step = k.b.ins().imul(si, position_strides[1]);
-                    let p_at = k.b.ins().iadd(p_at, step);
-                    let raw = k.load(positions, p_at, position_dtype);
-                    let pos = k.cast(raw, position_dtype, DType::I64);
-                    let row = k.b.ins().imul(bi, heads);
-                    let row = k.b.ins().iadd(row, hi);
-                    let row = k.b.ins().imul(row, seq);
-                    let row = k.b.ins().iadd(row, si);
-                    let base = k.b.ins().imul(row, d);
-                    k.for_range(half, &mut |k, pair| {
-                        let theta = k.b.ins().f32const(theta);
-                        let params = [types::I64, types::I64, types::I64, types::F32];
-                        let cos = k.call_typed("kiln_rope_cos", &params, &[pos, pair, d, theta])?;
-                        let sin = k.call_typed("kiln_rope_sin", &params, &[pos, pair, d, theta])?;
-                        let (first, second) = if interleaved {
-                            let twice = k.b.ins().imul_imm_s(pair, 2);
-                            (twice, k.b.ins().iadd_imm_s(twice, 1))
-                        } else {
-                            (pair, k.b.ins().iadd(pair, half))
-                        };
-                        let (a_at, b_at) =
-                            (k.b.ins().iadd(base, first), k.b.ins().iadd(base, second));
-                        let (a, b) = (k.load(x, a_at, DType::F32), k.load(x, b_at, DType::F32));
-                        let (a_cos, b_sin) = (k.b.ins().fmul(a, cos), k.b.ins().fmul(b, sin));
-                        let (b_cos, a_sin) = (k.b.ins().fmul(b, cos), k.b.ins().fmul(a, sin));
-                        let new_a = k.b.ins().fsub(a_cos, b_sin);
-                        let new_b = k.b.ins().fadd(b_cos, a_sin);
-                        k.store(out, a_at, DType::F32, new_a);
-                        k.store(out, b_at, DType::F32, new_b);
-                        Ok(())
-                    })
-                })
-            })
-        })
+        // Strides along batch, head and position; the last axis is the contiguous head dim.
+        let [cos_strides, sin_strides] = tables.map(|table| self.broadcast_strides(table, 4));
+        let interleaved = self.iconst(i64::from(interleaved));
+        let fields: Vec<Value> = [inputs[0], inputs[1], inputs[2], out]
+            .into_iter()
+            .chain(dims.iter().copied())
+            .chain(cos_strides[..3].iter().copied())
+            .chain(sin_strides[..3].iter().copied())
+            .chain([interleaved])
+            .collect();
+        let call = self.stack_record(&fields);
+        self.call_void("kiln_rope", &[call])
     }
 
     /// `e^x` for an f32 or each lane of an f32x4, as code (no call, no branch): Cephes' `expf`

@@ -88,7 +88,7 @@ fn attention_masks_and_rope_match_the_interpreter() {
     check_text_graph("graph \"g\" {\n  sym seq <= 6\n  input %q : f32[1, 2, 2, 4]\n  input %kv : f32[1, 1, seq, 4]\n  %z = attention(%q, %kv, %kv) {scale = 0.5, mask = sliding_window(window = 2), tile_q = 16, tile_k = 16}\n  output \"z\" = %z\n}");
     for interleaved in [false, true] {
         check_text_graph(&format!(
-            "graph \"g\" {{\n  sym seq <= 6\n  input %x : f32[2, 3, seq, 4]\n  %p = range {{start = 2, step = 1, len = seq, dtype = i64}}\n  %y = rope(%x, %p) {{theta = 10000.0, interleaved = {interleaved}}}\n  output \"y\" = %y\n}}"
+            "graph \"g\" {{\n  sym seq <= 6\n  input %x : f32[2, 3, seq, 8]\n  input %cos : f32[seq, 8]\n  input %sin : f32[2, 1, seq, 8]\n  %y = rope(%x, %cos, %sin) {{interleaved = {interleaved}}}\n  output \"y\" = %y\n}}"
         ));
     }
 }

@@ -31,7 +31,7 @@ pub struct PatternReport {
 /// Every pattern's tally, by pattern name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FusionReport {
-    /// By pattern name: `attention`, `epilogue`, `gelu`, `layernorm`, `rmsnorm`, `silu`.
+    /// By pattern name: `attention`, `epilogue`, `gelu`, `layernorm`, `rmsnorm`, `rope`, `silu`.
     pub patterns: BTreeMap<&'static str, PatternReport>,
 }
 
@@ -157,6 +157,22 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
         ),
     );
     patterns.insert(
+        "rope",
+        tally(
+            count(&|op| matches!(op, Op::Rope { .. })),
+            misses(
+                g,
+                |id| is_rotate_half(g, id),
+                |id| {
+                    format!(
+                        "concat(-x2, x1) is not in x * cos + concat(-x2, x1) * sin; it is read by {}",
+                        users(g, id)
+                    )
+                },
+            ),
+        ),
+    );
+    patterns.insert(
         "epilogue",
         tally(
             count(&|op| {
@@ -175,6 +191,14 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
         ),
     );
     FusionReport { patterns }
+}
+
+/// A concatenation of a negated tensor and another, HF's `rotate_half`.
+fn is_rotate_half(g: &Graph, id: NodeId) -> bool {
+    let operands = g.operands(id);
+    matches!(g.node(id).op, Op::Concat { .. })
+        && operands.len() == 2
+        && matches!(g.node(operands[0]).op, Op::Unary(UnaryOp::Neg))
 }
 
 /// A matrix product by a 2-D operand, without an epilogue, read by an add or an activation a

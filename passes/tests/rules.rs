@@ -422,3 +422,42 @@ fn matmul_epilogue_keeps_its_order() {
 }"#
     ));
 }
+
+/// `x * cos + concat(-r[..., a:b], r[..., c:d]) * sin` for `r` = `rotated`, `(a, b)` =
+/// `negated_half` and `(c, d)` = `kept_half`.
+fn rotary(rotated: &str, negated_half: (u32, u32), kept_half: (u32, u32)) -> String {
+    format!(
+        r#"graph "rotary" {{
+  sym seq <= 4
+  input %x : f32[1, 2, seq, 8]
+  input %other : f32[1, 2, seq, 8]
+  input %cos : f32[seq, 8]
+  input %sin : f32[seq, 8]
+  %x2 = slice(%{rotated}) {{axis = -1, start = {}, end = {}, step = 1}} : f32[1, 2, seq, 4]
+  %neg_x2 = neg(%x2) : f32[1, 2, seq, 4]
+  %x1 = slice(%{rotated}) {{axis = 3, start = {}, end = {}, step = 1}} : f32[1, 2, seq, 4]
+  %rotated = concat(%neg_x2, %x1) {{axis = -1}} : f32[1, 2, seq, 8]
+  %cos_part = mul(%cos, %x) : f32[1, 2, seq, 8]
+  %sin_part = mul(%rotated, %sin) : f32[1, 2, seq, 8]
+  %y = add(%sin_part, %cos_part) : f32[1, 2, seq, 8]
+  output "y" = %y
+}}"#,
+        negated_half.0, negated_half.1, kept_half.0, kept_half.1
+    )
+}
+
+#[test]
+fn rotary_embedding_is_rope() {
+    // The second half's end past the axis (as exporters write INT64_MAX) is the same slice.
+    insta::assert_snapshot!(optimize(&rotary("x", (4, 1000), (0, 4))));
+}
+
+#[test]
+fn rotary_embedding_not_fused_with_the_halves_swapped_or_of_another_tensor() {
+    for fused in [
+        optimize(&rotary("x", (0, 4), (4, 8))),
+        optimize(&rotary("other", (4, 8), (0, 4))),
+    ] {
+        assert!(!fused.contains("rope("), "{fused}");
+    }
+}

@@ -13,6 +13,7 @@ mod exe;
 pub mod math;
 mod model;
 pub mod pool;
+mod rope;
 mod sgemm;
 pub mod spec;
 pub mod vector;
@@ -20,12 +21,13 @@ pub mod weights;
 
 pub use attention::{kiln_attention, AttentionCall};
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
+pub use rope::{kiln_rope, RopeCall};
 pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, Epilogue, PANEL};
 pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 19] {
+pub fn symbols() -> [(&'static str, *const u8); 18] {
     [
         ("kiln_attention", kiln_attention as *const u8),
         ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
@@ -47,7 +49,6 @@ pub fn symbols() -> [(&'static str, *const u8); 19] {
         ("kiln_pow", math::kiln_pow as *const u8),
         ("kiln_mod", math::kiln_mod as *const u8),
         ("kiln_rem", math::kiln_rem as *const u8),
-        ("kiln_rope_cos", math::kiln_rope_cos as *const u8),
-        ("kiln_rope_sin", math::kiln_rope_sin as *const u8),
+        ("kiln_rope", kiln_rope as *const u8),
     ]
 }

@@ -63,20 +63,3 @@ binary! {
     kiln_mod => floor_mod,
     kiln_rem => |a, b| a % b,
 }
-
-/// The rotary angle of pair `pair` of `dim` at position `pos`: `pos * theta^(-2 pair / dim)`.
-fn rope_angle(pos: i64, pair: i64, dim: i64, theta: f32) -> f64 {
-    pos as f64 * f64::from(theta).powf(-2.0 * pair as f64 / dim as f64)
-}
-
-/// The cosine of a rotary angle.
-#[no_mangle]
-pub extern "C" fn kiln_rope_cos(pos: i64, pair: i64, dim: i64, theta: f32) -> f32 {
-    rope_angle(pos, pair, dim, theta).cos() as f32
-}
-
-/// The sine of a rotary angle.
-#[no_mangle]
-pub extern "C" fn kiln_rope_sin(pos: i64, pair: i64, dim: i64, theta: f32) -> f32 {
-    rope_angle(pos, pair, dim, theta).sin() as f32
-}

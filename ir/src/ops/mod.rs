@@ -192,10 +192,8 @@ pub enum Op {
     },
     /// Fused scaled dot-product attention.
     Attention(Attention),
-    /// Rotary position embedding of `[batch, heads, seq, head_dim]` at given positions.
+    /// Rotary position embedding of `[batch, heads, seq, head_dim]` by `cos` and `sin` tables.
     Rope {
-        /// Frequency base.
-        theta: F32,
         /// Rotate pairs `(2i, 2i+1)` (GPT-J, llama.cpp) instead of `(i, i + d/2)` (HF).
         interleaved: bool,
     },
@@ -583,7 +581,7 @@ impl Op {
             Op::LayerNorm { axis, eps } => norm::layer_norm_attrs(*axis, *eps),
             Op::RmsNorm { eps } => vec![("eps", AttrValue::f32(*eps))],
             Op::Attention(attention) => attention.attrs(),
-            Op::Rope { theta, interleaved } => rope::rope_attrs(*theta, *interleaved),
+            Op::Rope { interleaved } => rope::rope_attrs(*interleaved),
         }
     }
 
@@ -748,7 +746,7 @@ impl Op {
             Op::LayerNorm { axis, eps } => norm::eval_layer_norm(operands, *axis, *eps, ctx),
             Op::RmsNorm { eps } => norm::eval_rms_norm(operands, *eps, ctx),
             Op::Attention(attention) => attention.eval(operands, ctx),
-            Op::Rope { theta, interleaved } => rope::eval_rope(operands, *theta, *interleaved, ctx),
+            Op::Rope { interleaved } => rope::eval_rope(operands, *interleaved, ctx),
         }
     }
 
@@ -820,7 +818,7 @@ impl Op {
             Op::LayerNorm { .. } => out_numel.saturating_mul(8),
             Op::RmsNorm { .. } => out_numel.saturating_mul(4),
             Op::Attention(attention) => attention.flops(operands),
-            Op::Rope { .. } => out_numel.saturating_mul(6),
+            Op::Rope { .. } => out_numel.saturating_mul(3),
         }
     }
 }

@@ -156,7 +156,6 @@ fn op_for(step: Step, a_ty: &TensorType) -> Op {
             tile_k: 32,
         }),
         15 => Op::Rope {
-            theta: F32(10000.0),
             interleaved: p % 2 == 0,
         },
         16 => Op::Gemm(Gemm {
@@ -255,7 +254,7 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
             | Op::Expand { .. }
             | Op::Slice { .. } => 1,
             Op::Attention(_) => 3 + usize::from(c % 2 == 0),
-            Op::Where => 3,
+            Op::Where | Op::Rope { .. } => 3,
             Op::Gemm(g) => 2 + usize::from(g.bias) + usize::from(g.residual),
             Op::LayerNorm { .. } => 2 + usize::from(c % 2 == 0),
             Op::Concat { .. } => 1 + c as usize % 3,
@@ -265,7 +264,7 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
         for j in 1..arity {
             let k = b.wrapping_add(c.wrapping_mul(j as u16));
             let next = match (&op, j) {
-                (Op::Rope { .. } | Op::Gather { .. } | Op::GatherNd { .. }, 1) => {
+                (Op::Gather { .. } | Op::GatherNd { .. }, 1) => {
                     choose(&graph, &nodes, k, |t| t.dtype.is_int())
                 }
                 (Op::Where, _) => choose(&graph, &nodes, k, |t| t.dtype != DType::Bool),

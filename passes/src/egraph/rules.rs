@@ -743,6 +743,132 @@ impl Rewriter for SharedKeyValues {
     }
 }
 
+/// The one-operand nodes of a class whose op satisfies `wanted`, with their operand.
+fn unary_nodes<'a>(
+    egraph: &'a EGraph,
+    class: Id,
+    wanted: &'a dyn Fn(&Op) -> bool,
+) -> impl Iterator<Item = (&'a Op, Id)> + 'a {
+    egraph[class]
+        .nodes
+        .iter()
+        .filter_map(move |node| match node {
+            TensorLang::Op(label, children) if children.len() == 1 && wanted(label.op()) => {
+                Some((label.op(), children[0]))
+            }
+            _ => None,
+        })
+}
+
+/// The operand pairs of the `op` nodes of a class, in both orders.
+fn binary_operands(egraph: &EGraph, class: Id, op: BinaryOp) -> Vec<(Id, Id)> {
+    egraph[class]
+        .nodes
+        .iter()
+        .filter_map(|node| match node {
+            TensorLang::Op(label, children)
+                if children.len() == 2 && *label.op() == Op::Binary(op) =>
+            {
+                Some([(children[0], children[1]), (children[1], children[0])])
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// The last-axis slice `[start, end)` of a class, with its source.
+fn last_axis_slices(egraph: &EGraph, class: Id) -> Vec<(i64, i64, Id)> {
+    unary_nodes(egraph, class, &|op| matches!(op, Op::Slice { step: 1, .. }))
+        .filter_map(|(op, source)| {
+            let Op::Slice {
+                axis, start, end, ..
+            } = op
+            else {
+                return None;
+            };
+            let rank = egraph[source].data.ty.as_ref()?.rank() as i64;
+            let last = *axis == -1 || *axis == rank - 1;
+            last.then_some((start.as_const()?, end.as_const()?, source))
+        })
+        .collect()
+}
+
+/// The `x` of a class that is HF's `rotate_half(x) = concat(-x[..., d/2:], x[..., :d/2])` over the
+/// last axis of a tensor with a constant, even last dim `d`.
+fn rotate_half_source(egraph: &EGraph, class: Id) -> Vec<Id> {
+    let mut sources = Vec::new();
+    for node in &egraph[class].nodes {
+        let TensorLang::Op(label, children) = node else {
+            continue;
+        };
+        let Op::Concat { axis } = label.op() else {
+            continue;
+        };
+        let last = *axis == -1
+            || egraph[class].data.ty.as_ref().map(|t| t.rank() as i64 - 1) == Some(*axis);
+        if children.len() != 2 || !last {
+            continue;
+        }
+        for (_, negated) in unary_nodes(egraph, children[0], &|op| *op == Op::Unary(UnaryOp::Neg)) {
+            for (start, end, x) in last_axis_slices(egraph, negated) {
+                let Some(d) = egraph[x]
+                    .data
+                    .ty
+                    .as_ref()
+                    .and_then(|t| t.shape.0.last()?.as_const())
+                else {
+                    continue;
+                };
+                let half = d / 2;
+                let first_half = last_axis_slices(egraph, children[1])
+                    .into_iter()
+                    .any(|(s, e, y)| (s, e) == (0, half) && egraph.find(y) == egraph.find(x));
+                if d % 2 == 0 && start == half && end >= d && first_half {
+                    sources.push(egraph.find(x));
+                }
+            }
+        }
+    }
+    sources
+}
+
+/// HF's rotary embedding, `x * cos + rotate_half(x) * sin`, in any operand order.
+struct RotaryEmbedding;
+
+impl Finder for RotaryEmbedding {
+    fn find(&self, egraph: &EGraph, eclass: Id, limit: usize) -> Vec<Subst> {
+        let mut substs = Vec::new();
+        for (direct, rotated) in binary_operands(egraph, eclass, BinaryOp::Add) {
+            for (x, cos) in binary_operands(egraph, direct, BinaryOp::Mul) {
+                for (rotation, sin) in binary_operands(egraph, rotated, BinaryOp::Mul) {
+                    if rotate_half_source(egraph, rotation).contains(&egraph.find(x))
+                        && substs.len() < limit
+                    {
+                        let mut subst = Subst::with_capacity(3);
+                        subst.insert(var("?x"), x);
+                        subst.insert(var("?cos"), cos);
+                        subst.insert(var("?sin"), sin);
+                        substs.push(subst);
+                    }
+                }
+            }
+        }
+        substs
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![var("?x"), var("?cos"), var("?sin")]
+    }
+}
+
+impl Rewriter for RotaryEmbedding {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
+        let children = vec![subst[var("?x")], subst[var("?cos")], subst[var("?sin")]];
+        add_checked(egraph, class, op(Op::Rope { interleaved: false }, children))
+    }
+}
+
 /// The matrix products in a class, as gemms: a `matmul` of a rank >= 2 operand by a 2-D one is
 /// a gemm with no epilogue.
 fn products(egraph: &EGraph, class: Id) -> Vec<(Gemm, Vec<Id>)> {
@@ -874,6 +1000,10 @@ pub fn fusion() -> Vec<Rule> {
     );
     rules.extend(activation_rules());
     rules.extend(norm_rules());
+    rules.push(
+        Rewrite::new("fuse-rope", Search(RotaryEmbedding), Apply(RotaryEmbedding))
+            .expect("valid rule"),
+    );
     rules.extend(epilogue_rules());
     rules
 }
