@@ -206,7 +206,11 @@ pub(crate) fn describe<'g>(
         };
         let panels = kiln_runtime::pack_b(k as usize, n as usize, &values, packed.transposed);
         let bytes: Vec<u8> = panels.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let name = format!("{} (packed)", graph.node(packed.product).name);
+        let name = format!(
+            "{} (operand {} packed)",
+            graph.node(packed.product).name,
+            packed.operand
+        );
         let index = add_weight(&mut blob, &name, Cow::Owned(bytes));
         slots.push(Slot::Weight(index));
     }

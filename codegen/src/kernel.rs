@@ -63,7 +63,7 @@ pub(crate) fn supports(op: &Op, ty: &TensorType, operands: &[&TensorType]) -> bo
             ),
             _ => false,
         },
-        Op::MatMul | Op::Gemm(_) => input_dtype == DType::F32,
+        Op::MatMul | Op::Gemm(_) | Op::SwiGlu => input_dtype == DType::F32,
         Op::Softmax { .. } | Op::Reduce { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
             input_dtype == DType::F32
         }
@@ -641,12 +641,17 @@ impl<'b> Kernel<'b> {
                     activation: None,
                     residual: false,
                 };
-                let packed = plan.packed_slot(id).map(|slot| self.buffer(slot));
+                let packed = plan.packed_slot(id, 1).map(|slot| self.buffer(slot));
                 self.gemm(&node.ty, &operands, out, &inputs, plain, packed)
             }
             Op::Gemm(epilogue) => {
-                let packed = plan.packed_slot(id).map(|slot| self.buffer(slot));
+                let packed = plan.packed_slot(id, 1).map(|slot| self.buffer(slot));
                 self.gemm(&node.ty, &operands, out, &inputs, *epilogue, packed)
+            }
+            Op::SwiGlu => {
+                let packed =
+                    [1, 2].map(|operand| plan.packed_slot(id, operand).map(|s| self.buffer(s)));
+                self.swiglu(&node.ty, operands[0], out, &inputs, packed)
             }
             Op::Attention(attention) => self.attention(attention, &operands, out, &inputs),
             Op::Rope { interleaved } => self.rope(
@@ -2161,6 +2166,29 @@ impl<'b> Kernel<'b> {
         let status = self.b.inst_results(inst)[0];
         self.fail_if(status, ATTENTION_HEADS);
         Ok(())
+    }
+
+    /// `silu(x @ w_gate) * (x @ w_up)` in the runtime, from the packed weights when both are.
+    fn swiglu(
+        &mut self,
+        ty: &TensorType,
+        x_ty: &TensorType,
+        out: Value,
+        inputs: &[Value],
+        packed: [Option<Value>; 2],
+    ) -> Result<(), String> {
+        let out_dims = self.dims(ty);
+        let (n, rows) = out_dims.split_last().expect("swiglu has rank >= 2");
+        let k = *self.dims(x_ty).last().expect("swiglu input has rank >= 2");
+        let one = self.iconst(1);
+        let m = rows.iter().fold(one, |m, &d| self.b.ins().imul(m, d));
+        let (gate, up, is_packed) = match packed {
+            [Some(gate), Some(up)] => (gate, up, 1),
+            _ => (inputs[1], inputs[2], 0),
+        };
+        let is_packed = self.iconst(is_packed);
+        let call = self.stack_record(&[m, *n, k, inputs[0], k, gate, up, is_packed, *n, out, *n]);
+        self.call_void("kiln_swiglu", &[call])
     }
 
     /// Rotary embedding of `[b, h, s, d]` by cos and sin tables broadcast to it, in the runtime.

@@ -17,14 +17,16 @@ pub struct Plan {
     packed: Vec<PackedWeight>,
 }
 
-/// A matrix product whose right operand, a 2-D f32 weight, is stored packed into the runtime's
+/// A weight operand of a matrix product, a 2-D f32 constant, stored packed into the runtime's
 /// panels ([`kiln_runtime::pack_b`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PackedWeight {
-    /// The matmul or gemm node.
+    /// The matmul, gemm or swiglu node.
     pub product: NodeId,
-    /// The constant it packs: the right operand, or the source of the right operand when that is
-    /// a 2-D transpose of a constant.
+    /// Which of its operands.
+    pub operand: usize,
+    /// The constant it packs: the operand, or the source of the operand when that is a 2-D
+    /// transpose of a constant.
     pub weight: NodeId,
     /// That transpose, if any.
     pub through: Option<NodeId>,
@@ -32,40 +34,54 @@ pub struct PackedWeight {
     pub transposed: bool,
 }
 
-/// Whether `id`'s right operand is a weight to pack.
-fn packed_weight(graph: &Graph, id: NodeId) -> Option<PackedWeight> {
+/// The weight operands of `id` to pack.
+fn packed_weights(graph: &Graph, id: NodeId) -> Vec<PackedWeight> {
     let node = graph.node(id);
-    let transposed = match node.op {
-        Op::MatMul => false,
-        Op::Gemm(epilogue) => epilogue.trans_b,
-        _ => return None,
+    let (operands, transposed): (&[usize], bool) = match node.op {
+        Op::MatMul => (&[1], false),
+        Op::Gemm(epilogue) => (&[1], epilogue.trans_b),
+        Op::SwiGlu => (&[1, 2], false),
+        _ => return vec![],
     };
-    let operands = graph.operands(id);
-    let mut weight = *operands.get(1)?;
-    let mut transposed = transposed;
-    let mut through = None;
-    // A weight stored the other way round and transposed by the graph (PyTorch's `Linear`) is
-    // packed from its stored layout, and the transpose never runs.
-    if let Op::Transpose { perm } = &graph.node(weight).op {
-        let source = graph.operands(weight)[0];
-        if perm.as_slice() == [1, 0] && matches!(graph.node(source).op, Op::Constant { .. }) {
-            through = Some(weight);
-            weight = source;
-            transposed = !transposed;
-        }
+    let all = graph.operands(id);
+    let packed: Vec<PackedWeight> = operands
+        .iter()
+        .filter_map(|&operand| {
+            let mut weight = *all.get(operand)?;
+            let mut transposed = transposed;
+            let mut through = None;
+            // A weight stored the other way round and transposed by the graph (PyTorch's
+            // `Linear`) is packed from its stored layout, and the transpose never runs.
+            if let Op::Transpose { perm } = &graph.node(weight).op {
+                let source = graph.operands(weight)[0];
+                if perm.as_slice() == [1, 0] && matches!(graph.node(source).op, Op::Constant { .. })
+                {
+                    through = Some(weight);
+                    weight = source;
+                    transposed = !transposed;
+                }
+            }
+            let b = graph.node(weight);
+            let packable = node.ty.dtype == DType::F32
+                && matches!(b.op, Op::Constant { .. })
+                && b.ty.dtype == DType::F32
+                && b.ty.rank() == 2
+                && graph.node(all[0]).ty.rank() >= 1;
+            packable.then_some(PackedWeight {
+                product: id,
+                operand,
+                weight,
+                through,
+                transposed,
+            })
+        })
+        .collect();
+    // A gated product reads both weights packed or neither.
+    if packed.len() == operands.len() {
+        packed
+    } else {
+        vec![]
     }
-    let b = graph.node(weight);
-    let packable = node.ty.dtype == DType::F32
-        && matches!(b.op, Op::Constant { .. })
-        && b.ty.dtype == DType::F32
-        && b.ty.rank() == 2
-        && graph.node(operands[0]).ty.rank() >= 1;
-    packable.then_some(PackedWeight {
-        product: id,
-        weight,
-        through,
-        transposed,
-    })
 }
 
 /// The largest arena a plan may reserve.
@@ -80,7 +96,7 @@ impl Plan {
         let arena_bytes = memory.arena_bytes();
         let packed = order
             .iter()
-            .filter_map(|&id| packed_weight(graph, id))
+            .flat_map(|&id| packed_weights(graph, id))
             .collect();
         if arena_bytes > MAX_ARENA_BYTES {
             return Err(format!("the buffers need {arena_bytes} bytes at the symbols' maxima, more than {MAX_ARENA_BYTES}: lower the maxima with --shape"));
@@ -129,12 +145,12 @@ impl Plan {
         &self.packed
     }
 
-    /// The buffer-table slot of the packed weight of product `id`, if it has one: after every
-    /// node's slot, one per packed product.
-    pub fn packed_slot(&self, id: NodeId) -> Option<usize> {
+    /// The buffer-table slot of operand `operand` of product `id` packed, if it is: after every
+    /// node's slot, one per packed weight.
+    pub fn packed_slot(&self, id: NodeId, operand: usize) -> Option<usize> {
         self.packed
             .iter()
-            .position(|p| p.product == id)
+            .position(|p| p.product == id && p.operand == operand)
             .map(|i| self.order.len() + i)
     }
 
@@ -149,11 +165,14 @@ impl Plan {
                     .operands(user)
                     .iter()
                     .enumerate()
-                    .all(|(i, &o)| i == 1 || o != id)
-                    && self
-                        .packed
-                        .iter()
-                        .any(|p| p.product == user && (p.weight == id || p.through == Some(id)));
+                    .filter(|&(_, &o)| o == id)
+                    .all(|(i, _)| {
+                        self.packed.iter().any(|p| {
+                            p.product == user
+                                && p.operand == i
+                                && (p.weight == id || p.through == Some(id))
+                        })
+                    });
                 let packed_transpose = self.packed.iter().any(|p| p.through == Some(user))
                     && self.only_packed(graph, user);
                 reads_packed || packed_transpose

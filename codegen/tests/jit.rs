@@ -411,6 +411,10 @@ fn gemm_epilogues_and_vector_matmuls_match_the_interpreter() {
             "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %r : f32[2, 3, 4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %b = const \"b\" [0.5, -0.5, 0.25, 0.0] : f32[4]\n  %y = gemm({operands}) {{trans_b = {trans_b}, bias = {bias}, activation = {activation}, residual = {residual}}}\n  output \"y\" = %y\n  output \"r\" = %r\n  output \"bias\" = %b\n}}"
         ));
     }
+    // The gated product from packed weights, and from weights computed at run time.
+    check_text_graph(&format!(
+        "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %u : f32[4, 4]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %v = const \"v\" [1.0, -0.5, 0.25, 0.0, 0.5, 0.75, -1.0, 0.125, 0.0, 0.25, 0.5, -0.25, 1.5, 0.5, -0.75, 1.0] : f32[4, 4]\n  %packed = swiglu(%a, %w, %v)\n  %plain = swiglu(%a, %u, %u)\n  output \"packed\" = %packed\n  output \"plain\" = %plain\n}}"
+    ));
     // A bias that is not one value per column takes the loop after the product.
     check_text_graph(&format!(
         "graph \"g\" {{\n  input %a : f32[2, 3, 4]\n  input %r : f32[2, 3, 4]\n  input %b : f32[3, 1]\n  %w = const \"w\" {weights} : f32[4, 4]\n  %y = gemm(%a, %w, %b, %r) {{trans_b = false, bias = true, activation = gelu, residual = true}}\n  output \"y\" = %y\n}}"

@@ -31,7 +31,8 @@ pub struct PatternReport {
 /// Every pattern's tally, by pattern name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FusionReport {
-    /// By pattern name: `attention`, `epilogue`, `gelu`, `layernorm`, `rmsnorm`, `rope`, `silu`.
+    /// By pattern name: `attention`, `epilogue`, `gelu`, `layernorm`, `rmsnorm`, `rope`, `silu`,
+    /// `swiglu`.
     pub patterns: BTreeMap<&'static str, PatternReport>,
 }
 
@@ -141,7 +142,7 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
         "silu",
         tally(
             count(&|op| {
-                matches!(op, Op::Unary(UnaryOp::Silu))
+                matches!(op, Op::Unary(UnaryOp::Silu) | Op::SwiGlu)
                     || matches!(op, Op::Gemm(gemm) if gemm.activation == Some(UnaryOp::Silu))
             }),
             misses(
@@ -151,6 +152,22 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
                     format!(
                         "sigmoid(x) is not multiplied by the same x; it is read by {}",
                         users(g, id)
+                    )
+                },
+            ),
+        ),
+    );
+    patterns.insert(
+        "swiglu",
+        tally(
+            count(&|op| matches!(op, Op::SwiGlu)),
+            misses(
+                g,
+                |id| is_gated_silu(g, id),
+                |id| {
+                    format!(
+                        "silu(x @ w_gate) * y is not gated by y = x @ w_up of the same x and one weight type; it reads {}",
+                        operands(g, id)
                     )
                 },
             ),
@@ -191,6 +208,19 @@ pub fn fusion_report(g: &Graph) -> FusionReport {
         ),
     );
     FusionReport { patterns }
+}
+
+/// A product with a SiLU of a matrix product, the gate of a SwiGLU.
+fn is_gated_silu(g: &Graph, id: NodeId) -> bool {
+    matches!(g.node(id).op, Op::Binary(BinaryOp::Mul))
+        && g.operands(id).into_iter().any(|o| match &g.node(o).op {
+            Op::Gemm(gemm) => gemm.activation == Some(UnaryOp::Silu),
+            Op::Unary(UnaryOp::Silu) => g
+                .operands(o)
+                .iter()
+                .any(|&p| matches!(g.node(p).op, Op::MatMul | Op::Gemm(_))),
+            _ => false,
+        })
 }
 
 /// A concatenation of a negated tensor and another, HF's `rotate_half`.

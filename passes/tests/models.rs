@@ -96,5 +96,15 @@ fn real_models_after_each_pass() {
     ] {
         let graph = load(&model(source), &shapes(&[shape])).unwrap();
         insta::assert_snapshot!(name, validate(&graph, None, 0.0));
+        // Regression: extraction by tree cost left the residual adds of SmolLM2's layers 14 on
+        // unfused (twelve paths per layer to the previous one; the savings rounded away).
+        let fused = Pipeline::default().run(&graph).unwrap();
+        let report = kiln_passes::report::fusion_report(&fused);
+        for (pattern, tally) in &report.patterns {
+            assert!(
+                tally.misses.is_empty(),
+                "{name}: {pattern} missed\n{report}"
+            );
+        }
     }
 }

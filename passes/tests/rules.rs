@@ -461,3 +461,28 @@ fn rotary_embedding_not_fused_with_the_halves_swapped_or_of_another_tensor() {
         assert!(!fused.contains("rope("), "{fused}");
     }
 }
+
+#[test]
+fn swiglu_and_its_negative() {
+    let graph = |up_input: &str| {
+        format!(
+            r#"graph "mlp" {{
+  input %x : f32[3, 2]
+  input %y : f32[3, 2]
+  %w_gate = const "w_gate" [0.5, -1.0, 0.25, 2.0, -0.5, 1.5] : f32[2, 3]
+  %w_up = const "w_up" [1.0, 0.5, -0.25, -2.0, 0.75, 0.125] : f32[2, 3]
+  %gate = matmul(%x, %w_gate) : f32[3, 3]
+  %sigmoid = sigmoid(%gate) : f32[3, 3]
+  %activated = mul(%gate, %sigmoid) : f32[3, 3]
+  %up = matmul(%{up_input}, %w_up) : f32[3, 3]
+  %gated = mul(%up, %activated) : f32[3, 3]
+  output "z" = %gated
+}}"#
+        )
+    };
+    insta::assert_snapshot!(optimize(&graph("x")));
+    // Gate and up projections of different inputs: the SiLU goes into the gate's product only.
+    let unfused = optimize(&graph("y"));
+    assert!(!unfused.contains("swiglu("), "{unfused}");
+    assert!(unfused.contains("activation = silu"), "{unfused}");
+}

@@ -22,12 +22,14 @@ pub mod weights;
 pub use attention::{kiln_attention, AttentionCall};
 pub use model::{Error, ErrorCode, Input, Kernel, Model, Outputs};
 pub use rope::{kiln_rope, RopeCall};
-pub use sgemm::{kiln_sgemm, kiln_sgemm_packed, pack_b, packed_len, Epilogue, PANEL};
+pub use sgemm::{
+    kiln_sgemm, kiln_sgemm_packed, kiln_swiglu, pack_b, packed_len, Epilogue, SwiGluCall, PANEL,
+};
 pub use spec::ModelSpec;
 
 /// Every function generated code may call, by symbol name: what a JIT registers and what the
 /// runtime's static library exports to compiled objects.
-pub fn symbols() -> [(&'static str, *const u8); 18] {
+pub fn symbols() -> [(&'static str, *const u8); 19] {
     [
         ("kiln_attention", kiln_attention as *const u8),
         ("kiln_softmax_rows", vector::kiln_softmax_rows as *const u8),
@@ -40,6 +42,7 @@ pub fn symbols() -> [(&'static str, *const u8); 18] {
         ),
         ("kiln_sgemm", kiln_sgemm as *const u8),
         ("kiln_sgemm_packed", kiln_sgemm_packed as *const u8),
+        ("kiln_swiglu", kiln_swiglu as *const u8),
         ("kiln_log", math::kiln_log as *const u8),
         ("kiln_tanh", math::kiln_tanh as *const u8),
         ("kiln_gelu", math::kiln_gelu as *const u8),

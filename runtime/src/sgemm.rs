@@ -211,40 +211,53 @@ unsafe fn product(
     ldb: usize,
     finish: Option<Finish>,
 ) {
+    let kernel = panel_kernel();
+    let (a, c) = (a as usize, c as usize);
+    for_each_block(m, n, k, &|rows, q| {
+        let j = q * PANEL;
+        let width = PANEL.min(n - j);
+        let (a_rows, c_block) = (
+            (a as *const f32).wrapping_add(rows.start * lda),
+            (c as *mut f32).wrapping_add(rows.start * ldc + j),
+        );
+        // SAFETY: rows `rows` of A and C and panel q are inside the matrices.
+        unsafe {
+            kernel(
+                rows.len(),
+                width,
+                k,
+                a_rows,
+                lda,
+                panel(q, j),
+                ldb,
+                c_block,
+                ldc,
+            )
+        };
+        if let Some(finish) = finish {
+            // SAFETY: the block just computed, inside C and the epilogue's operands.
+            unsafe { finish.apply(rows, j, width, c as *mut f32, ldc) };
+        }
+    });
+}
+
+/// Runs `block(rows, q)` over every block of an `m × n` product (panel `q` of [`PANEL`]
+/// columns, a range of rows) on the run's thread team when the product is large enough:
+/// whole panels per thread when there are enough of them, otherwise blocks of rows.
+fn for_each_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    block: &(dyn Fn(std::ops::Range<usize>, usize) + Sync),
+) {
     if m == 0 || n == 0 {
         return;
     }
-    let kernel = panel_kernel();
     let panels = n.div_ceil(PANEL);
     let threads = crate::pool::current_threads();
-    let (a, c) = (a as usize, c as usize);
-    // Rows i.. of panels q.. of C.
     let compute = |rows: std::ops::Range<usize>, quads: std::ops::Range<usize>| {
         for q in quads {
-            let j = q * PANEL;
-            let (a_rows, c_block) = (
-                (a as *const f32).wrapping_add(rows.start * lda),
-                (c as *mut f32).wrapping_add(rows.start * ldc + j),
-            );
-            let width = PANEL.min(n - j);
-            // SAFETY: rows `rows` of A and C and panel q are inside the matrices.
-            unsafe {
-                kernel(
-                    rows.len(),
-                    width,
-                    k,
-                    a_rows,
-                    lda,
-                    panel(q, j),
-                    ldb,
-                    c_block,
-                    ldc,
-                )
-            };
-            if let Some(finish) = finish {
-                // SAFETY: the block just computed, inside C and the epilogue's operands.
-                unsafe { finish.apply(rows.clone(), j, width, c as *mut f32, ldc) };
-            }
+            block(rows.clone(), q);
         }
     };
     if threads < 2 || m * n * k < PARALLEL_WORK {
@@ -261,6 +274,103 @@ unsafe fn product(
             compute(first * ROW_BLOCK..(last * ROW_BLOCK).min(m), 0..panels);
         });
     }
+}
+
+/// One gated product, `C = silu(A · B_gate) ⊙ (A · B_up)`, as generated code lays it out:
+/// 8-byte fields in this order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SwiGluCall {
+    /// Rows of `A` and `C`.
+    pub m: i64,
+    /// Columns of `C` and of both weights.
+    pub n: i64,
+    /// Columns of `A`, rows of both weights.
+    pub k: i64,
+    /// `m × k`, rows `lda` apart.
+    pub a: *const f32,
+    /// Row stride of `A`.
+    pub lda: i64,
+    /// The gate weight, `k × n`.
+    pub gate: *const f32,
+    /// The up weight, laid out as the gate.
+    pub up: *const f32,
+    /// Non-zero: both weights are packed by [`pack_b`]; zero: row-major, rows `ldb` apart.
+    pub packed: i64,
+    /// Row stride of unpacked weights.
+    pub ldb: i64,
+    /// `m × n`, rows `ldc` apart; overwritten, overlapping no operand.
+    pub c: *mut f32,
+    /// Row stride of `C`.
+    pub ldc: i64,
+}
+
+/// Rows of a gated block computed at a time: the up product's block waits in a buffer of this
+/// many rows of a panel (a multiple of every path's tile height).
+const GATED_ROWS: usize = 48;
+
+/// Computes a gated product: for each block, the gate product into `C`, the up product into a
+/// buffer, then `C = silu(C) * buffer`, each rounded as the unfused ops round it.
+///
+/// # Safety
+/// `call` must point to a [`SwiGluCall`] whose pointers address matrices of those shapes and
+/// strides. Negative sizes or strides are treated as an empty product.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_swiglu(call: *const SwiGluCall) {
+    // SAFETY: the caller's contract.
+    let call = unsafe { *call };
+    let [m, n, k, lda, ldb, ldc] = [call.m, call.n, call.k, call.lda, call.ldb, call.ldc].map(size);
+    let kernel = panel_kernel();
+    let (a, gate, up, c) = (
+        call.a as usize,
+        call.gate as usize,
+        call.up as usize,
+        call.c as usize,
+    );
+    let packed = call.packed != 0;
+    // Panel q of a weight and its row stride.
+    let panel = move |weight: usize, q: usize| {
+        if packed {
+            ((weight as *const f32).wrapping_add(q * k * PANEL), PANEL)
+        } else {
+            ((weight as *const f32).wrapping_add(q * PANEL), ldb)
+        }
+    };
+    for_each_block(m, n, k, &|rows, q| {
+        let j = q * PANEL;
+        let width = PANEL.min(n - j);
+        let mut buffer = [0f32; GATED_ROWS * PANEL];
+        for start in rows.clone().step_by(GATED_ROWS) {
+            let count = GATED_ROWS.min(rows.end - start);
+            let a_rows = (a as *const f32).wrapping_add(start * lda);
+            let c_block = (c as *mut f32).wrapping_add(start * ldc + j);
+            let ((gate_panel, gate_ld), (up_panel, up_ld)) = (panel(gate, q), panel(up, q));
+            // SAFETY: these rows of A and C and panel q of each weight are inside the matrices;
+            // the buffer holds `count` rows of PANEL floats.
+            unsafe {
+                kernel(
+                    count, width, k, a_rows, lda, gate_panel, gate_ld, c_block, ldc,
+                );
+                kernel(
+                    count,
+                    width,
+                    k,
+                    a_rows,
+                    lda,
+                    up_panel,
+                    up_ld,
+                    buffer.as_mut_ptr(),
+                    PANEL,
+                );
+            }
+            for (r, up_row) in buffer.chunks_exact(PANEL).take(count).enumerate() {
+                // SAFETY: row `start + r` of this block of C.
+                let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * ldc), width) };
+                crate::vector::apply_in_place(Function::Silu, row);
+                row.iter_mut().zip(up_row).for_each(|(g, u)| *g *= u);
+            }
+        }
+    });
 }
 
 /// Products smaller than this many multiply-adds run on one thread: waking the team costs more.
@@ -664,6 +774,44 @@ mod tests {
             check("kiln_sgemm_packed", m, n, &expected, |c, ldc| unsafe {
                 kiln_sgemm_packed(m as i64, n as i64, k as i64, a.as_ptr(), k as i64, packed.as_ptr(), c, ldc as i64, std::ptr::null())
             })?;
+        }
+
+        /// The gated product, plain and packed, against silu and products in f64, over more
+        /// rows than one gated block.
+        #[test]
+        fn the_gated_product_matches_silu_times_up(m in 1usize..100, n in 1usize..70, k in 1usize..20, seed in any::<u32>()) {
+            let value = |i: usize| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0;
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let gate: Vec<f32> = (0..k * n).map(|i| value(i + 7919)).collect();
+            let up: Vec<f32> = (0..k * n).map(|i| value(i + 104_729)).collect();
+            let expected: Vec<f64> = naive(m, n, k, &a, &gate)
+                .iter()
+                .zip(naive(m, n, k, &a, &up))
+                .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let (gate_packed, up_packed) = (pack_b(k, n, &gate, false), pack_b(k, n, &up, false));
+            for (name, gate, up, packed) in [
+                ("kiln_swiglu", &gate, &up, 0),
+                ("kiln_swiglu packed", &gate_packed, &up_packed, 1),
+            ] {
+                check(name, m, n, &expected, |c, ldc| {
+                    let call = SwiGluCall {
+                        m: m as i64,
+                        n: n as i64,
+                        k: k as i64,
+                        a: a.as_ptr(),
+                        lda: k as i64,
+                        gate: gate.as_ptr(),
+                        up: up.as_ptr(),
+                        packed,
+                        ldb: n as i64,
+                        c,
+                        ldc: ldc as i64,
+                    };
+                    // SAFETY: the call describes these buffers.
+                    unsafe { kiln_swiglu(&call) }
+                })?;
+            }
         }
 
         /// The epilogue, `activation(C + bias) + residual`, on both entry points, with a residual

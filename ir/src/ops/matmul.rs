@@ -97,6 +97,45 @@ pub(super) fn eval_matmul(a: &Tensor, b: &Tensor, ctx: EvalCtx) -> Result<Tensor
     Ok(Tensor::from_f64s(a.dtype(), ctx.out_shape.to_vec(), values))
 }
 
+/// Operands `x [..., k]` (rank >= 2), `w_gate [k, n]` and `w_up [k, n]`; the result is
+/// `[..., n]`.
+pub(super) fn infer_swiglu(operands: &[&TensorType]) -> Result<TensorType, String> {
+    expect_arity(operands, 3, 3)?;
+    let (x, gate, up) = (operands[0], operands[1], operands[2]);
+    if x.rank() < 2 {
+        return Err(format!("swiglu input must have rank >= 2, got {x}"));
+    }
+    if gate.rank() != 2 || !gate.equiv(up) {
+        return Err(format!(
+            "swiglu weights must be 2-D of one type, got {gate} and {up}"
+        ));
+    }
+    infer_matmul(&[x, gate])
+}
+
+/// `silu(x @ w_gate) * (x @ w_up)`.
+pub(super) fn eval_swiglu(operands: &[&Tensor], ctx: EvalCtx) -> Result<Tensor, String> {
+    let gate = batched_matmul(operands[0], operands[1], false, ctx.out_shape);
+    let up = batched_matmul(operands[0], operands[2], false, ctx.out_shape);
+    let values = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| UnaryOp::Silu.apply_f64(g) * u)
+        .collect();
+    Ok(Tensor::from_f64s(
+        operands[0].dtype(),
+        ctx.out_shape.to_vec(),
+        values,
+    ))
+}
+
+/// Two products, the activation and the gating.
+pub(super) fn swiglu_flops(operands: &[&[usize]], out: &[usize]) -> u64 {
+    let k = operands[1].first().copied().unwrap_or(1) as u64;
+    let out_numel = super::saturating_product(out.iter().map(|&d| d as u64));
+    out_numel.saturating_mul(k.saturating_mul(4).saturating_add(6))
+}
+
 /// The epilogue of a fused matrix product:
 /// `out = activation(a @ b + bias) + residual`, where `b` is a 2-D weight `[k, n]`
 /// (`[n, k]` when `trans_b`), `bias` broadcasts against the product and `residual` has the
@@ -317,6 +356,28 @@ mod tests {
         let out = eval(&gemm, &[a, b, bias, residual]).unwrap();
         // relu([3.5, -0.5]) + [10, 20] = [13.5, 20].
         assert_eq!(f32s(&out), [13.5, 20.]);
+    }
+
+    #[test]
+    fn swiglu_gates_the_up_projection_by_silu_of_the_gate() {
+        // x [1, 1, 2] = [1, 2]; gate columns give [3, -1], up columns give [2, 0.5].
+        let x = Tensor::f32(&[1, 1, 2], vec![1., 2.]).unwrap();
+        let gate = Tensor::f32(&[2, 2], vec![1., 1., 1., -1.]).unwrap();
+        let up = Tensor::f32(&[2, 2], vec![0., 0.5, 1., 0.]).unwrap();
+        let out = eval(&Op::SwiGlu, &[x, gate, up]).unwrap();
+        assert_eq!(out.shape(), [1, 1, 2]);
+        let silu = |v: f32| v / (1.0 + (-v).exp());
+        assert_close(&f32s(&out), &[silu(3.) * 2., silu(-1.) * 0.5], 1e-6);
+        let err = infer(
+            &Op::SwiGlu,
+            &[
+                ty(DType::F32, &["4", "8"]),
+                ty(DType::F32, &["8", "2"]),
+                ty(DType::F32, &["8", "3"]),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("2-D of one type"), "{err}");
     }
 
     #[test]

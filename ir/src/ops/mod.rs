@@ -110,6 +110,9 @@ pub enum Op {
     MatMul,
     /// Matrix product against a 2-D weight with a fused epilogue.
     Gemm(Gemm),
+    /// The gated feed-forward product of LLaMA-style models, `silu(x @ w_gate) * (x @ w_up)`,
+    /// both weights 2-D.
+    SwiGlu,
     /// Reduction over axes.
     Reduce {
         /// The reduction.
@@ -454,6 +457,7 @@ impl Op {
             Op::Cast { .. } => "cast",
             Op::MatMul => "matmul",
             Op::Gemm(_) => "gemm",
+            Op::SwiGlu => "swiglu",
             Op::Reduce { op, .. } => op.name(),
             Op::Softmax { .. } => "softmax",
             Op::Arg { op, .. } => op.name(),
@@ -475,6 +479,7 @@ impl Op {
     pub fn is_fused(&self) -> bool {
         match self {
             Op::Gemm(_)
+            | Op::SwiGlu
             | Op::LayerNorm { .. }
             | Op::RmsNorm { .. }
             | Op::Attention(_)
@@ -523,6 +528,7 @@ impl Op {
             | Op::Cast { .. }
             | Op::MatMul
             | Op::Gemm(_)
+            | Op::SwiGlu
             | Op::Reduce { .. }
             | Op::Softmax { .. }
             | Op::Arg { .. }
@@ -552,7 +558,7 @@ impl Op {
                 len,
                 dtype,
             } => source::range_attrs(start, *step, len, *dtype),
-            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul => vec![],
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul | Op::SwiGlu => vec![],
             Op::Cast { to } => vec![("to", AttrValue::ident(to.name()))],
             Op::Gemm(gemm) => gemm.attrs(),
             Op::Reduce {
@@ -610,6 +616,7 @@ impl Op {
                     to: attrs.dtype("to")?,
                 },
                 "matmul" => Op::MatMul,
+                "swiglu" => Op::SwiGlu,
                 "gemm" => Op::Gemm(Gemm::parse(&mut attrs)?),
                 "softmax" => Op::Softmax {
                     axis: attrs.int("axis")?,
@@ -675,6 +682,7 @@ impl Op {
             Op::Cast { to } => elementwise::infer_cast(operands, *to),
             Op::MatMul => matmul::infer_matmul(operands),
             Op::Gemm(gemm) => gemm.infer(operands),
+            Op::SwiGlu => matmul::infer_swiglu(operands),
             Op::Reduce {
                 op,
                 axes,
@@ -719,6 +727,7 @@ impl Op {
             Op::Cast { to } => Ok(elementwise::eval_cast(operands[0], *to)),
             Op::MatMul => matmul::eval_matmul(operands[0], operands[1], ctx),
             Op::Gemm(gemm) => gemm.eval(operands, ctx),
+            Op::SwiGlu => matmul::eval_swiglu(operands, ctx),
             Op::Reduce { op, axes, .. } => reduce::eval_reduce(operands[0], *op, axes, ctx),
             Op::Softmax { axis } => reduce::eval_softmax(operands[0], *axis),
             Op::Arg {
@@ -812,6 +821,7 @@ impl Op {
                 out_numel.saturating_mul(k).saturating_mul(2)
             }
             Op::Gemm(gemm) => gemm.flops(operands, out),
+            Op::SwiGlu => matmul::swiglu_flops(operands, out),
             Op::Reduce { .. } => numel(operands[0]),
             Op::Softmax { .. } => out_numel.saturating_mul(4),
             Op::Arg { .. } => numel(operands[0]),

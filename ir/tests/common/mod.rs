@@ -90,7 +90,7 @@ fn constant(graph: &mut Graph, i: usize, a: u16, b: u16) -> Option<NodeId> {
 fn op_for(step: Step, a_ty: &TensorType) -> Op {
     let (kind, _, p, q) = step;
     let rank = a_ty.rank() as i64;
-    match kind % 22 {
+    match kind % 23 {
         0 => Op::Unary(pick(&UnaryOp::ALL, p)),
         1 => Op::Binary(pick(&BinaryOp::ALL, p)),
         2 => Op::Cast {
@@ -169,6 +169,7 @@ fn op_for(step: Step, a_ty: &TensorType) -> Op {
             residual: q % 3 == 0,
         }),
         17 => Op::Where,
+        22 => Op::SwiGlu,
         18 => Op::Fill {
             value: pick(
                 &[
@@ -254,7 +255,7 @@ fn build(inputs: &[(u16, u16)], steps: &[Step]) -> Graph {
             | Op::Expand { .. }
             | Op::Slice { .. } => 1,
             Op::Attention(_) => 3 + usize::from(c % 2 == 0),
-            Op::Where | Op::Rope { .. } => 3,
+            Op::Where | Op::Rope { .. } | Op::SwiGlu => 3,
             Op::Gemm(g) => 2 + usize::from(g.bias) + usize::from(g.residual),
             Op::LayerNorm { .. } => 2 + usize::from(c % 2 == 0),
             Op::Concat { .. } => 1 + c as usize % 3,

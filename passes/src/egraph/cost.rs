@@ -5,8 +5,8 @@
 //! is cheaper than the chain it replaces. Leaves cost nothing; an ill-typed node costs infinity
 //! and is never chosen.
 
-use super::lang::{EGraph, TensorLang};
-use egg::{CostFunction, Id};
+use super::lang::EGraph;
+use egg::Id;
 use kiln_ir::ops::{BinaryOp, InferCtx};
 use kiln_ir::{Op, TensorType};
 use std::collections::HashMap;
@@ -81,22 +81,5 @@ fn op_weight(op: &Op) -> f64 {
         Op::Binary(BinaryOp::Div | BinaryOp::Pow) => 4.0,
         Op::Unary(_) => 4.0,
         _ => 1.0,
-    }
-}
-
-impl CostFunction<TensorLang> for CostModel<'_> {
-    type Cost = f64;
-
-    fn cost<C>(&mut self, enode: &TensorLang, mut costs: C) -> f64
-    where
-        C: FnMut(Id) -> f64,
-    {
-        match enode {
-            TensorLang::Leaf(_) | TensorLang::Scalar(_) => 0.0,
-            TensorLang::Op(label, children) => {
-                let own = self.own_cost(label.op(), children);
-                children.iter().fold(own, |total, &c| total + costs(c))
-            }
-        }
     }
 }

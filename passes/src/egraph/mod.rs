@@ -3,6 +3,7 @@
 //! program under the [`cost`] model is lifted back to a graph.
 
 mod cost;
+mod extract;
 mod lang;
 mod rules;
 
@@ -170,7 +171,7 @@ fn saturate(
 /// the name of the value they compute.
 fn lift(graph: &Graph, classes: &HashMap<NodeId, Id>, egraph: &EGraph) -> Result<Graph, String> {
     let cost = cost::CostModel::new(egraph);
-    let extractor = egg::Extractor::new(egraph, cost);
+    let extractor = extract::DagExtractor::new(egraph, &cost);
     let mut names: HashMap<Id, &str> = HashMap::new();
     for id in graph.order() {
         names
@@ -212,7 +213,7 @@ fn lift(graph: &Graph, classes: &HashMap<NodeId, Id>, egraph: &EGraph) -> Result
 fn lift_class(
     graph: &mut Graph,
     egraph: &EGraph,
-    extractor: &egg::Extractor<cost::CostModel, TensorLang, TypeAnalysis>,
+    extractor: &extract::DagExtractor,
     names: &HashMap<Id, &str>,
     lifted: &mut HashMap<Id, NodeId>,
     source_names: &HashSet<&str>,
@@ -224,7 +225,10 @@ fn lift_class(
         if lifted.contains_key(&class) {
             continue;
         }
-        let enode = extractor.find_best_node(class).clone();
+        let enode = extractor
+            .find_best_node(class)
+            .ok_or_else(|| format!("e-class {class} has no well-typed program"))?
+            .clone();
         if !expanded {
             stack.push((class, true));
             for &child in enode.children() {

@@ -869,6 +869,24 @@ impl Rewriter for RotaryEmbedding {
     }
 }
 
+/// `silu(x @ w_gate) * (x @ w_up)` with 2-D weights of one type as `swiglu`.
+struct FuseSwiGlu;
+
+impl Rewriter for FuseSwiGlu {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
+        let children = vec![subst[var("?x")], subst[var("?gate")], subst[var("?up")]];
+        add_checked(egraph, class, op(Op::SwiGlu, children))
+    }
+}
+
+fn swiglu_rules() -> Vec<Rule> {
+    commuted("mul", "(silu (matmul ?x ?gate))", "(matmul ?x ?up)")
+        .iter()
+        .enumerate()
+        .map(|(i, form)| rule(&format!("fuse-swiglu-{i}"), form, FuseSwiGlu))
+        .collect()
+}
+
 /// The matrix products in a class, as gemms: a `matmul` of a rank >= 2 operand by a 2-D one is
 /// a gemm with no epilogue.
 fn products(egraph: &EGraph, class: Id) -> Vec<(Gemm, Vec<Id>)> {
@@ -1005,5 +1023,6 @@ pub fn fusion() -> Vec<Rule> {
             .expect("valid rule"),
     );
     rules.extend(epilogue_rules());
+    rules.extend(swiglu_rules());
     rules
 }
