@@ -80,6 +80,15 @@ impl<'a> Rebuild<'a> {
     }
 }
 
+/// `base.value`, or `base.value.N`, unused in the weight store.
+pub(crate) fn unused_weight_name(graph: &Graph, base: &str) -> String {
+    let base = format!("{base}.value");
+    std::iter::once(base.clone())
+        .chain((1..).map(|i| format!("{base}.{i}")))
+        .find(|n| graph.weights().get(n).is_none())
+        .expect("an unused suffix exists")
+}
+
 /// Removes weights no constant node reads.
 pub(crate) fn drop_unused_weights(mut graph: Graph) -> Graph {
     let used: HashSet<String> = graph

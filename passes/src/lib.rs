@@ -4,6 +4,7 @@
 
 mod cleanup;
 pub mod egraph;
+mod fold;
 pub mod memory;
 pub mod pipeline;
 pub mod report;

@@ -1,7 +1,7 @@
 //! The pass manager: one ordered list of named, pure `Graph -> Graph` passes, a selection of
 //! them, and the verifier after each.
 
-use crate::{cleanup, egraph};
+use crate::{cleanup, egraph, fold};
 use kiln_ir::Graph;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ impl Pass {
 }
 
 /// Every pass, in pipeline order.
-pub const PASSES: [Pass; 4] = [
+pub const PASSES: [Pass; 5] = [
     Pass {
         name: "dce",
         summary: "removes nodes no output reads",
@@ -106,15 +106,21 @@ pub const PASSES: [Pass; 4] = [
     },
     Pass {
         name: "canonicalize",
-        summary: "e-graph rewrites that make exporter variants meet: division by a constant as multiplication, transpose and reshape chains composed, scales of query and key hoisted out of their product, key transposes split into head split and key transpose",
+        summary: "e-graph rewrites that make exporter variants meet: division by a constant as multiplication, transpose and reshape chains composed, scales of query and key hoisted out of their product, a scale of a projection's output folded into its weight, key transposes split into head split and key transpose",
         exactness: Exactness::Exact,
         run: egraph::canonicalize,
     },
     Pass {
         name: "fuse",
-        summary: "e-graph fusion of attention (on shared key/value heads for grouped-query attention), layer and RMS norms, GELU and SiLU, extracted by a FLOPs-and-bytes cost model",
+        summary: "e-graph fusion of attention (on shared key/value heads for grouped-query attention), layer and RMS norms, GELU and SiLU, RoPE, SwiGLU, and matrix product epilogues (bias, activation, residual add), extracted by a FLOPs-and-bytes cost model that counts each value once",
         exactness: Exactness::Exact,
         run: egraph::fuse,
+    },
+    Pass {
+        name: "fold-constants",
+        summary: "computes elementwise ops of weights alone (such as a scale moved onto a weight) into weights",
+        exactness: Exactness::Exact,
+        run: fold::fold_constants,
     },
     Pass {
         name: "cse",

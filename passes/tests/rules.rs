@@ -486,3 +486,27 @@ fn swiglu_and_its_negative() {
     assert!(!unfused.contains("swiglu("), "{unfused}");
     assert!(unfused.contains("activation = silu"), "{unfused}");
 }
+
+#[test]
+fn scales_of_projections_fold_into_their_weights() {
+    insta::assert_snapshot!(optimize(
+        r#"graph "scaled" {
+  input %x : f32[3, 2]
+  input %y : f32[2, 2]
+  %w = const "w" [0.5, -1.0, 0.25, 2.0] : f32[2, 2]
+  %v = const "v" [1.0, 0.5, -0.25, -2.0] : f32[2, 2]
+  %quarter = const "quarter" [0.25] : f32[]
+  %eight = const "eight" [8.0] : f32[]
+  %logits = matmul(%x, %w) : f32[3, 2]
+  %scaled = div(%logits, %eight) : f32[3, 2]
+  %v_t = transpose(%v) {perm = [1, 0]} : f32[2, 2]
+  %projected = matmul(%x, %v_t) : f32[3, 2]
+  %quartered = mul(%quarter, %projected) : f32[3, 2]
+  %runtime = matmul(%x, %y) : f32[3, 2]
+  %runtime_scaled = mul(%runtime, %quarter) : f32[3, 2]
+  output "scaled" = %scaled
+  output "quartered" = %quartered
+  output "runtime_scaled" = %runtime_scaled
+}"#
+    ));
+}

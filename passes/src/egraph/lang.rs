@@ -283,6 +283,9 @@ pub struct ClassData {
     pub ty: Option<TensorType>,
     /// The value of a one-element f32 class.
     pub scalar: Option<f32>,
+    /// Computed from weights alone: a weight, or an elementwise op of such values with a fixed
+    /// shape, which the `fold-constants` pass turns into a weight.
+    pub weight_only: bool,
 }
 
 pub type EGraph = egg::EGraph<TensorLang, TypeAnalysis>;
@@ -296,15 +299,18 @@ impl Analysis<TensorLang> for TypeAnalysis {
                 Some(info) => ClassData {
                     ty: Some(info.ty.clone()),
                     scalar: info.scalar,
+                    weight_only: info.weight.is_some(),
                 },
                 None => ClassData {
                     ty: None,
                     scalar: None,
+                    weight_only: false,
                 },
             },
             TensorLang::Scalar(leaf) => ClassData {
                 ty: Some(leaf.ty()),
                 scalar: Some(leaf.value()),
+                weight_only: true,
             },
             TensorLang::Op(label, children) => {
                 let data: Vec<&ClassData> = children.iter().map(|&c| &egraph[c].data).collect();
@@ -316,6 +322,7 @@ impl Analysis<TensorLang> for TypeAnalysis {
                     return ClassData {
                         ty: None,
                         scalar: None,
+                        weight_only: false,
                     };
                 };
                 let ctx = InferCtx {
@@ -329,7 +336,14 @@ impl Analysis<TensorLang> for TypeAnalysis {
                     }
                     _ => None,
                 };
-                ClassData { ty, scalar }
+                let weight_only = is_elementwise(label.op())
+                    && data.iter().all(|d| d.weight_only)
+                    && ty.as_ref().is_some_and(|t| t.shape.as_fixed().is_some());
+                ClassData {
+                    ty,
+                    scalar,
+                    weight_only,
+                }
             }
         }
     }
@@ -344,8 +358,13 @@ impl Analysis<TensorLang> for TypeAnalysis {
             a.scalar = b.scalar;
             changed_a = true;
         }
-        let changed_b =
-            (b.ty.is_none() && a.ty.is_some()) || (b.scalar.is_none() && a.scalar.is_some());
+        if !a.weight_only && b.weight_only {
+            a.weight_only = true;
+            changed_a = true;
+        }
+        let changed_b = (b.ty.is_none() && a.ty.is_some())
+            || (b.scalar.is_none() && a.scalar.is_some())
+            || (!b.weight_only && a.weight_only);
         DidMerge(changed_a, changed_b)
     }
 
@@ -370,6 +389,14 @@ impl Analysis<TensorLang> for TypeAnalysis {
             egraph.union(id, folded);
         }
     }
+}
+
+/// Whether `op` is elementwise, the kind of op the `fold-constants` pass folds.
+pub fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. }
+    )
 }
 
 /// The value of an elementwise op on one-element f32 operands, by the interpreter.

@@ -7,10 +7,11 @@ mod extract;
 mod lang;
 mod rules;
 
+pub use lang::is_elementwise;
 pub use lang::{ClassData, LeafName, OpLabel, ScalarLeaf, TensorLang, TypeAnalysis};
 pub use rules::EPILOGUE_ACTIVATIONS;
 
-use crate::cleanup::{drop_unused_weights, Rebuild};
+use crate::cleanup::{drop_unused_weights, unused_weight_name, Rebuild};
 use crate::pipeline::PassOutput;
 use crate::PassOptions;
 use egg::{Id, Language, Runner, StopReason};
@@ -241,7 +242,13 @@ fn lift_class(
         }
         let name = match names.get(&class) {
             Some(name) => name.to_string(),
-            None => unused_name(graph, source_names, &fresh_name(&enode, names, egraph)),
+            None => {
+                let first_operand = enode
+                    .children()
+                    .first()
+                    .map(|c| graph.node(lifted[&egraph.find(*c)]).name.as_str());
+                unused_name(graph, source_names, &fresh_name(&enode, first_operand))
+            }
         };
         let node = match &enode {
             TensorLang::Leaf(leaf) => match graph.find(&leaf.0) {
@@ -290,25 +297,12 @@ fn unused_name(graph: &Graph, source_names: &HashSet<&str>, base: &str) -> Strin
         .expect("an unused suffix exists")
 }
 
-/// `base.value`, or `base.value.N`, unused in the weight store.
-fn unused_weight_name(graph: &Graph, base: &str) -> String {
-    let base = format!("{base}.value");
-    std::iter::once(base.clone())
-        .chain((1..).map(|i| format!("{base}.{i}")))
-        .find(|n| graph.weights().get(n).is_none())
-        .expect("an unused suffix exists")
-}
-
-/// A name for an e-class no source node was lowered into: after its op and first operand.
-fn fresh_name(enode: &TensorLang, names: &HashMap<Id, &str>, egraph: &EGraph) -> String {
+/// A name for an e-class no source node was lowered into: after its op and the name of its
+/// first operand.
+fn fresh_name(enode: &TensorLang, first_operand: Option<&str>) -> String {
     match enode {
-        TensorLang::Op(label, children) => {
-            let base = children
-                .first()
-                .and_then(|c| names.get(&egraph.find(*c)))
-                .copied()
-                .unwrap_or("t");
-            format!("{base}.{}", label.op().name())
+        TensorLang::Op(label, _) => {
+            format!("{}.{}", first_operand.unwrap_or("t"), label.op().name())
         }
         TensorLang::Scalar(_) => "scalar".to_string(),
         TensorLang::Leaf(leaf) => leaf.0.to_string(),

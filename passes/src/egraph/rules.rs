@@ -183,6 +183,38 @@ impl Rewriter for FoldScales {
     }
 }
 
+/// `(x @ w) * s` as `x @ (w * s)` for a scalar `s` and a 2-D weight `w` (or the transpose of
+/// one, scaled before it is transposed), so that the scale costs nothing at run time: the
+/// `fold-constants` pass computes `w * s` once.
+struct ScaleIntoWeight;
+
+impl Rewriter for ScaleIntoWeight {
+    fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
+        let (x, w, s) = (subst[var("?x")], subst[var("?w")], subst[var("?s")]);
+        if scalar(egraph, s).is_none() {
+            return vec![];
+        }
+        let data = &egraph[w].data;
+        let weight = if data.weight_only && data.ty.as_ref().map(TensorType::rank) == Some(2) {
+            egraph.add(op(Op::Binary(BinaryOp::Mul), vec![w, s]))
+        } else {
+            let transposed = unary_nodes(
+                egraph,
+                w,
+                &|o| matches!(o, Op::Transpose { perm } if perm.as_slice() == [1, 0]),
+            )
+            .map(|(_, source)| source)
+            .find(|&source| egraph[source].data.weight_only);
+            let Some(source) = transposed else {
+                return vec![];
+            };
+            let scaled = egraph.add(op(Op::Binary(BinaryOp::Mul), vec![source, s]));
+            egraph.add(op(Op::Transpose { perm: vec![1, 0] }, vec![scaled]))
+        };
+        add_checked(egraph, class, op(Op::MatMul, vec![x, weight]))
+    }
+}
+
 /// Two layout ops in a row, `outer(inner(x))`, both transposes or both reshapes.
 struct LayoutChains;
 
@@ -295,6 +327,16 @@ pub fn canonical() -> Vec<Rule> {
             HoistScales,
         ),
         rule("fold-scales", "(mul (mul ?x ?s) ?t)", FoldScales),
+        rule(
+            "scale-into-weight-0",
+            "(mul (matmul ?x ?w) ?s)",
+            ScaleIntoWeight,
+        ),
+        rule(
+            "scale-into-weight-1",
+            "(mul ?s (matmul ?x ?w))",
+            ScaleIntoWeight,
+        ),
         // Exporters transpose keys straight from [b, s, h, d] to [b, h, d, s]; attention wants the
         // head split [b, h, s, d] and a transpose of its last two axes.
         Rewrite::new(
