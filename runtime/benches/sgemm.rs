@@ -38,20 +38,7 @@ fn products(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("packed", &label), |bench| {
-            // SAFETY: `packed` holds B packed for k and n.
-            bench.iter(|| unsafe {
-                kiln_sgemm_packed(
-                    mi,
-                    ni,
-                    ki,
-                    a.as_ptr(),
-                    ki,
-                    packed.as_ptr(),
-                    out.as_mut_ptr(),
-                    ni,
-                    std::ptr::null(),
-                )
-            })
+            bench.iter(|| packed_product([mi, ni, ki], &a, &packed, &mut out, std::ptr::null()))
         });
         let copies: Vec<Vec<f32>> = (0..COLD_BYTES / (4 * packed.len()))
             .map(|_| packed.clone())
@@ -60,20 +47,7 @@ fn products(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("packed-cold", &label), |bench| {
             bench.iter(|| {
                 next = (next + 1) % copies.len();
-                // SAFETY: every copy holds B packed for k and n.
-                unsafe {
-                    kiln_sgemm_packed(
-                        mi,
-                        ni,
-                        ki,
-                        a.as_ptr(),
-                        ki,
-                        copies[next].as_ptr(),
-                        out.as_mut_ptr(),
-                        ni,
-                        std::ptr::null(),
-                    )
-                }
+                packed_product([mi, ni, ki], &a, &copies[next], &mut out, std::ptr::null())
             })
         });
     }
@@ -109,37 +83,11 @@ fn epilogues(c: &mut Criterion) {
             },
         };
         group.bench_function(BenchmarkId::new("in-product", &label), |bench| {
-            // SAFETY: the buffers hold the matrices, bias and residual at these strides.
-            bench.iter(|| unsafe {
-                kiln_sgemm_packed(
-                    mi,
-                    ni,
-                    ki,
-                    a.as_ptr(),
-                    ki,
-                    packed.as_ptr(),
-                    out.as_mut_ptr(),
-                    ni,
-                    &epilogue,
-                )
-            })
+            bench.iter(|| packed_product([mi, ni, ki], &a, &packed, &mut out, &epilogue))
         });
         group.bench_function(BenchmarkId::new("separate-passes", &label), |bench| {
             bench.iter(|| {
-                // SAFETY: as above.
-                unsafe {
-                    kiln_sgemm_packed(
-                        mi,
-                        ni,
-                        ki,
-                        a.as_ptr(),
-                        ki,
-                        packed.as_ptr(),
-                        out.as_mut_ptr(),
-                        ni,
-                        std::ptr::null(),
-                    )
-                };
+                packed_product([mi, ni, ki], &a, &packed, &mut out, std::ptr::null());
                 for row in out.chunks_exact_mut(n) {
                     row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
                 }
@@ -153,6 +101,32 @@ fn epilogues(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// `out = a · packed`, then the epilogue unless it is null, through the packed entry point.
+fn packed_product(
+    [m, n, k]: [i64; 3],
+    a: &[f32],
+    packed: &[f32],
+    out: &mut [f32],
+    epilogue: *const Epilogue,
+) {
+    assert!(a.len() as i64 >= m * k && out.len() as i64 >= m * n);
+    // SAFETY: `a` and `out` hold the matrices (checked above) and `packed` holds B packed for k
+    // and n (the callers pack it so); the epilogue's operands are sized for m x n.
+    unsafe {
+        kiln_sgemm_packed(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            k,
+            packed.as_ptr(),
+            out.as_mut_ptr(),
+            n,
+            epilogue,
+        )
+    }
 }
 
 /// More bytes of packed weights than the caches hold.
