@@ -520,7 +520,6 @@ impl<'b> Kernel<'b> {
         self.call_typed(symbol, &params, args)
     }
 
-    /// Calls a runtime function of i64 arguments (sizes and addresses) returning nothing.
     /// The address of a record of 64-bit `fields` on the stack, for runtime calls that take
     /// their arguments as a `#[repr(C)]` struct.
     fn stack_record(&mut self, fields: &[Value]) -> Value {
@@ -537,6 +536,7 @@ impl<'b> Kernel<'b> {
         self.b.ins().stack_addr(types::I64, slot, 0)
     }
 
+    /// Calls a runtime function of i64 arguments (sizes and addresses) returning nothing.
     fn call_void(&mut self, symbol: &str, args: &[Value]) -> Result<(), String> {
         let mut sig = self.module.make_signature();
         for _ in args {
@@ -1126,8 +1126,8 @@ impl<'b> Kernel<'b> {
         let activation = epilogue.activation;
         // Rows of b are contiguous along n unless b is stored transposed or is a vector.
         let contiguous_n = !epilogue.trans_b && b_rank >= 2;
-        // The runtime's product finishes its own blocks when the bias is one value per column
-        // and it has the activation's lanes; otherwise a loop after it does.
+        // The runtime's product applies the epilogue itself when the bias is one value per
+        // column and it has the activation's lanes; otherwise a loop after it does.
         let column_bias = !epilogue.bias || {
             let dims = &operands[2].shape.0;
             dims.last().is_some_and(|d| *d != Dim::Const(1))

@@ -103,7 +103,7 @@ pub(crate) fn drop_unused_weights(mut graph: Graph) -> Graph {
 }
 
 /// The nodes the outputs depend on, in the graph's canonical order.
-fn live_order(graph: &Graph) -> Vec<NodeId> {
+pub(crate) fn live_order(graph: &Graph) -> Vec<NodeId> {
     let mut live: HashSet<NodeId> = HashSet::new();
     let mut stack: Vec<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
     while let Some(id) = stack.pop() {

@@ -3,21 +3,20 @@
 //! weight. Layout ops of weights stay: the code generator packs a transposed weight from its
 //! stored layout without a copy.
 
-use crate::cleanup::{unused_weight_name, Rebuild};
+use crate::cleanup::{live_order, unused_weight_name, Rebuild};
+use crate::egraph::MAX_FOLDED_ELEMENTS;
 use crate::pipeline::PassOutput;
 use crate::PassOptions;
 use kiln_ir::ops::EvalCtx;
 use kiln_ir::{Graph, NodeId, Op, Tensor, Weight};
 use std::collections::HashMap;
 
-/// Results larger than this many elements are left to run time.
-const MAX_FOLDED_ELEMENTS: usize = 1 << 26;
-
 pub(crate) fn fold_constants(graph: &Graph, _: &PassOptions) -> Result<PassOutput, String> {
     let mut rebuild = Rebuild::new(graph)?;
     let mut values: HashMap<NodeId, Tensor> = HashMap::new();
     let mut folded = 0usize;
-    for id in graph.order() {
+    // Live nodes only: a weight read only by what is folded is dropped with its node.
+    for id in live_order(graph) {
         if rebuild.mapped.contains_key(&id) {
             continue;
         }

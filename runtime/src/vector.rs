@@ -174,12 +174,13 @@ pub fn silu(x: f32) -> f32 {
     x * (numerator / (1.0 + e))
 }
 
-/// `max(x, 0)`, keeping NaN and `-0`.
+/// `max(x, 0)` as the generated code computes it: `x` if `x > 0`, else 0 (also for NaN and
+/// `-0`).
 pub fn relu(x: f32) -> f32 {
-    if x < 0.0 {
-        0.0
-    } else {
+    if x > 0.0 {
         x
+    } else {
+        0.0
     }
 }
 
@@ -332,8 +333,9 @@ unsafe fn map_run(function: Function, n: usize, x: *const f32, y: *mut f32) {
 
 /// `x[i] = f(x[i])` on this thread.
 pub(crate) fn apply_in_place(function: Function, x: &mut [f32]) {
-    // SAFETY: the slice holds its length in f32, read before written element by element.
-    unsafe { map_run(function, x.len(), x.as_ptr(), x.as_mut_ptr()) }
+    let at = x.as_mut_ptr();
+    // SAFETY: the slice holds its length in f32, each read before it is written.
+    unsafe { map_run(function, x.len(), at, at) }
 }
 
 /// `y[i] = f(x[i])` for `i < n`, split over the run's team, 16 lanes where the CPU has AVX-512.
@@ -507,7 +509,7 @@ macro_rules! lane_math {
                 Function::Tanh => tanh(v),
                 Function::GeluTanh => gelu_tanh(v),
                 Function::Silu => silu(v),
-                Function::Relu => select(lt(v, splat(0.0)), splat(0.0), v),
+                Function::Relu => select(gt(v, splat(0.0)), v, splat(0.0)),
             }
         }
     };
@@ -867,6 +869,17 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (review): ReLU kept NaN while the IR and the generated code give 0.
+    #[test]
+    fn relu_gives_zero_for_nan_and_negative_zero() {
+        let values = [f32::NAN, -0.0, -1.0, 2.0, 0.0, -3.0, 4.0, f32::NAN, 5.0];
+        let mut got = [1f32; 9];
+        // SAFETY: both buffers hold 9 f32.
+        unsafe { map(Function::Relu, 9, values.as_ptr(), got.as_mut_ptr()) };
+        let want = [0.0f32, 0.0, 0.0, 2.0, 0.0, 0.0, 4.0, 0.0, 5.0];
+        assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits));
+    }
 
     /// Every 4096th f32 and the special values, 16-lane path against the scalar one, bit for bit.
     #[test]

@@ -39,7 +39,7 @@ impl<'a> CostModel<'a> {
         let Some(types) = types else {
             return f64::INFINITY;
         };
-        // Folded into a weight before run time.
+        // Folded into a weight by `fold-constants` (in the default pipeline) before run time.
         if super::lang::is_elementwise(op)
             && children.iter().all(|&c| self.egraph[c].data.weight_only)
         {

@@ -284,7 +284,8 @@ pub struct ClassData {
     /// The value of a one-element f32 class.
     pub scalar: Option<f32>,
     /// Computed from weights alone: a weight, or an elementwise op of such values with a fixed
-    /// shape, which the `fold-constants` pass turns into a weight.
+    /// shape of at most [`MAX_FOLDED_ELEMENTS`], which the `fold-constants` pass (in the default
+    /// pipeline after `fuse`) turns into a weight.
     pub weight_only: bool,
 }
 
@@ -338,7 +339,11 @@ impl Analysis<TensorLang> for TypeAnalysis {
                 };
                 let weight_only = is_elementwise(label.op())
                     && data.iter().all(|d| d.weight_only)
-                    && ty.as_ref().is_some_and(|t| t.shape.as_fixed().is_some());
+                    && ty.as_ref().is_some_and(|t| {
+                        t.shape.as_fixed().is_some_and(|dims| {
+                            dims.iter().product::<usize>() <= MAX_FOLDED_ELEMENTS
+                        })
+                    });
                 ClassData {
                     ty,
                     scalar,
@@ -390,6 +395,9 @@ impl Analysis<TensorLang> for TypeAnalysis {
         }
     }
 }
+
+/// Results of `fold-constants` larger than this many elements are left to run time.
+pub const MAX_FOLDED_ELEMENTS: usize = 1 << 28;
 
 /// Whether `op` is elementwise, the kind of op the `fold-constants` pass folds.
 pub fn is_elementwise(op: &Op) -> bool {

@@ -7,7 +7,7 @@ mod extract;
 mod lang;
 mod rules;
 
-pub use lang::is_elementwise;
+pub use lang::{is_elementwise, MAX_FOLDED_ELEMENTS};
 pub use lang::{ClassData, LeafName, OpLabel, ScalarLeaf, TensorLang, TypeAnalysis};
 pub use rules::EPILOGUE_ACTIVATIONS;
 

@@ -185,7 +185,8 @@ impl Rewriter for FoldScales {
 
 /// `(x @ w) * s` as `x @ (w * s)` for a scalar `s` and a 2-D weight `w` (or the transpose of
 /// one, scaled before it is transposed), so that the scale costs nothing at run time: the
-/// `fold-constants` pass computes `w * s` once.
+/// `fold-constants` pass computes `w * s` once (the cost model assumes that pass runs, as it
+/// does in the default pipeline).
 struct ScaleIntoWeight;
 
 impl Rewriter for ScaleIntoWeight {
