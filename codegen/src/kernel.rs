@@ -635,13 +635,8 @@ impl<'b> Kernel<'b> {
                 })
             }
             Op::MatMul => {
-                let plain = kiln_ir::ops::Gemm {
-                    trans_b: false,
-                    bias: false,
-                    activation: None,
-                    residual: false,
-                };
                 let packed = plan.packed_slot(id, 1).map(|slot| self.buffer(slot));
+                let plain = kiln_ir::ops::Gemm::default();
                 self.gemm(&node.ty, &operands, out, &inputs, plain, packed)
             }
             Op::Gemm(epilogue) => {

@@ -7,7 +7,6 @@ use crate::cleanup::{live_order, unused_weight_name, Rebuild};
 use crate::egraph::MAX_FOLDED_ELEMENTS;
 use crate::pipeline::PassOutput;
 use crate::PassOptions;
-use kiln_ir::ops::EvalCtx;
 use kiln_ir::{Graph, NodeId, Op, Tensor, Weight};
 use std::collections::HashMap;
 
@@ -79,16 +78,9 @@ fn fold(
         values.insert(operand, tensor);
     }
     let operands: Vec<&Tensor> = graph.operands(id).iter().map(|o| &values[o]).collect();
-    let bindings = HashMap::new();
     let value = node
         .op
-        .eval(
-            &operands,
-            EvalCtx {
-                bindings: &bindings,
-                out_shape: &out_shape,
-            },
-        )
+        .evaluate_fixed(&operands, MAX_FOLDED_ELEMENTS)
         .map_err(|e| format!("folding %{} ({}): {e}", node.name, node.op.name()))?;
     Ok(Some(value))
 }

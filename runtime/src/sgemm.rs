@@ -50,64 +50,43 @@ pub struct Epilogue {
     pub residual: *const f32,
 }
 
-/// An [`Epilogue`] as plain addresses, shareable between the team's threads.
-#[derive(Clone, Copy)]
-struct Finish {
-    bias: usize,
-    activation: Option<Function>,
-    residual: usize,
-}
+// SAFETY: the bias and the residual are only read, by threads finishing disjoint rows of C.
+unsafe impl Sync for Epilogue {}
 
-impl Finish {
-    /// # Safety
-    /// `epilogue` is null or points to an [`Epilogue`].
-    unsafe fn new(epilogue: *const Epilogue) -> Option<Finish> {
-        // SAFETY: the caller's contract.
-        let epilogue = unsafe { epilogue.as_ref() }?;
-        let finish = Finish {
-            bias: epilogue.bias as usize,
-            activation: Function::from_code(epilogue.activation),
-            residual: epilogue.residual as usize,
-        };
-        (finish.bias != 0 || finish.activation.is_some() || finish.residual != 0).then_some(finish)
-    }
-
-    /// Finishes columns `j..j + width` of rows `rows` of `C`, one row at a time.
+impl Epilogue {
+    /// `C = activation(C + bias) + residual` for the `m × n` matrix `C` (rows `ldc` apart), whole
+    /// rows split over the run's team.
     ///
     /// # Safety
-    /// Those elements of `C`, of the bias and of the residual exist, rows `ldc` apart.
-    unsafe fn apply(
-        &self,
-        rows: std::ops::Range<usize>,
-        j: usize,
-        width: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: the caller's contract; C does not overlap the bias or the residual.
-        let bias = (self.bias != 0).then(|| unsafe {
-            std::slice::from_raw_parts((self.bias as *const f32).add(j), width)
-        });
-        for i in rows {
-            // SAFETY: as above.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc + j), width) };
-            if let Some(bias) = bias {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
-            if let Some(function) = self.activation {
-                crate::vector::apply_in_place(function, row);
-            }
-            if self.residual != 0 {
-                // SAFETY: as above.
-                let residual = unsafe {
-                    std::slice::from_raw_parts(
-                        (self.residual as *const f32).add(i * ldc + j),
-                        width,
-                    )
-                };
-                row.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
-            }
+    /// `C` and the epilogue's operands hold those rows; `C` overlaps neither operand.
+    unsafe fn finish(&self, m: usize, n: usize, c: *mut f32, ldc: usize) {
+        let activation = Function::from_code(self.activation);
+        if self.bias.is_null() && activation.is_none() && self.residual.is_null() {
+            return;
         }
+        let c = c as usize;
+        crate::vector::split(m, m * n, &|rows| {
+            for i in rows {
+                // SAFETY: row i of C and of the residual, and the bias's n values, exist; C
+                // overlaps neither (the caller's contract).
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut((c as *mut f32).add(i * ldc), n) };
+                if !self.bias.is_null() {
+                    // SAFETY: as above.
+                    let bias = unsafe { std::slice::from_raw_parts(self.bias, n) };
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+                if let Some(function) = activation {
+                    crate::vector::apply_in_place(function, row);
+                }
+                if !self.residual.is_null() {
+                    // SAFETY: as above.
+                    let residual =
+                        unsafe { std::slice::from_raw_parts(self.residual.add(i * ldc), n) };
+                    row.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+                }
+            }
+        });
     }
 }
 
@@ -151,8 +130,10 @@ pub unsafe extern "C" fn kiln_sgemm(
             ldc,
             &|_, j| (b as *const f32).wrapping_add(j),
             ldb,
-            Finish::new(epilogue),
-        )
+        );
+        if let Some(epilogue) = epilogue.as_ref() {
+            epilogue.finish(m, n, c, ldc);
+        }
     }
 }
 
@@ -188,14 +169,16 @@ pub unsafe extern "C" fn kiln_sgemm_packed(
             ldc,
             &|q, _| (b as *const f32).wrapping_add(q * k * PANEL),
             PANEL,
-            Finish::new(epilogue),
-        )
+        );
+        if let Some(epilogue) = epilogue.as_ref() {
+            epilogue.finish(m, n, c, ldc);
+        }
     }
 }
 
 /// Computes every panel of `C`, on the run's thread team when there is one: whole panels per
 /// thread when there are enough of them, otherwise blocks of rows. `panel(q, j)` is the start
-/// of panel `q` (first column `j`) of `B`, whose rows are `ldb` apart. Then the epilogue, if any.
+/// of panel `q` (first column `j`) of `B`, whose rows are `ldb` apart.
 ///
 /// # Safety
 /// As [`kiln_sgemm`], with `panel` giving pointers inside `B`.
@@ -210,7 +193,6 @@ unsafe fn product(
     ldc: usize,
     panel: &(dyn Fn(usize, usize) -> *const f32 + Sync),
     ldb: usize,
-    finish: Option<Finish>,
 ) {
     let kernel = panel_kernel();
     let (a, c) = (a as usize, c as usize);
@@ -236,12 +218,6 @@ unsafe fn product(
             )
         };
     });
-    if let Some(finish) = finish {
-        crate::vector::split(m, m * n, &|rows| {
-            // SAFETY: these rows of C and of the epilogue's operands exist.
-            unsafe { finish.apply(rows, 0, n, c as *mut f32, ldc) };
-        });
-    }
 }
 
 /// Runs `block(rows, q)` over every block of an `m × n` product (panel `q` of [`PANEL`]
@@ -820,7 +796,7 @@ mod tests {
         /// The epilogue, `activation(C + bias) + residual`, on both entry points, with a residual
         /// at C's row stride.
         #[test]
-        fn the_epilogue_finishes_every_block(m in 1usize..30, n in 1usize..70, k in 1usize..20, function in 0usize..7, seed in any::<u32>()) {
+        fn the_epilogue_finishes_every_row(m in 1usize..30, n in 1usize..70, k in 1usize..20, function in 0usize..7, seed in any::<u32>()) {
             let value = |i: usize| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0;
             let a: Vec<f32> = (0..m * k).map(value).collect();
             let b: Vec<f32> = (0..k * n).map(|i| value(i + 7919)).collect();

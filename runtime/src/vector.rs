@@ -419,8 +419,32 @@ pub(crate) fn avx512() -> bool {
 /// the operations each lane module defines (`splat`, `add`, ..., `select`), so that every vector
 /// width performs the scalar functions' operations in the same order: the same bits.
 #[cfg(target_arch = "x86_64")]
+/// Lane operations that are one intrinsic each, for [`lane_math!`]: `name(args) -> out =
+/// intrinsic` defines `name` as that intrinsic on the module's vector type.
+macro_rules! one_intrinsic_ops {
+    ($feature:literal, $v:ty; $($name:ident($($arg:ident),*) -> $out:ty = $intrinsic:path;)*) => {
+        $(
+            #[target_feature(enable = $feature)]
+            fn $name($($arg: $v),*) -> $out {
+                $intrinsic($($arg),*)
+            }
+        )*
+    };
+}
+
 macro_rules! lane_math {
     ($feature:literal, $v:ty) => {
+        #[target_feature(enable = $feature)]
+        fn abs(a: $v) -> $v {
+            and_bits(a, !SIGN_BIT)
+        }
+
+        /// The sign bits alone.
+        #[target_feature(enable = $feature)]
+        fn sign(a: $v) -> $v {
+            and_bits(a, SIGN_BIT)
+        }
+
         #[target_feature(enable = $feature)]
         fn polynomial(coefficients: &[f32], v: $v) -> $v {
             coefficients[1..]
@@ -536,45 +560,20 @@ mod avx512 {
     fn splat(v: f32) -> __m512 {
         _mm512_set1_ps(v)
     }
-    #[target_feature(enable = "avx512f")]
-    fn add(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn sub(a: __m512, b: __m512) -> __m512 {
-        _mm512_sub_ps(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn mul(a: __m512, b: __m512) -> __m512 {
-        _mm512_mul_ps(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn div(a: __m512, b: __m512) -> __m512 {
-        _mm512_div_ps(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn min(a: __m512, b: __m512) -> __m512 {
-        _mm512_min_ps(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn max(a: __m512, b: __m512) -> __m512 {
-        _mm512_max_ps(a, b)
+    one_intrinsic_ops! { "avx512f", __m512;
+        add(a, b) -> __m512 = _mm512_add_ps;
+        sub(a, b) -> __m512 = _mm512_sub_ps;
+        mul(a, b) -> __m512 = _mm512_mul_ps;
+        div(a, b) -> __m512 = _mm512_div_ps;
+        min(a, b) -> __m512 = _mm512_min_ps;
+        max(a, b) -> __m512 = _mm512_max_ps;
+        lt(a, b) -> __mmask16 = _mm512_cmp_ps_mask::<_CMP_LT_OQ>;
+        le(a, b) -> __mmask16 = _mm512_cmp_ps_mask::<_CMP_LE_OQ>;
+        gt(a, b) -> __mmask16 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>;
     }
     #[target_feature(enable = "avx512f")]
     fn floor(a: __m512) -> __m512 {
         _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(a)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn lt(a: __m512, b: __m512) -> __mmask16 {
-        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn le(a: __m512, b: __m512) -> __mmask16 {
-        _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, b)
-    }
-    #[target_feature(enable = "avx512f")]
-    fn gt(a: __m512, b: __m512) -> __mmask16 {
-        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b)
     }
     #[target_feature(enable = "avx512f")]
     fn unordered(a: __m512) -> __mmask16 {
@@ -598,15 +597,6 @@ mod avx512 {
             _mm512_castps_si512(a),
             _mm512_castps_si512(b),
         ))
-    }
-    #[target_feature(enable = "avx512f")]
-    fn abs(a: __m512) -> __m512 {
-        and_bits(a, !SIGN_BIT)
-    }
-    /// The sign bits alone.
-    #[target_feature(enable = "avx512f")]
-    fn sign(a: __m512) -> __m512 {
-        and_bits(a, SIGN_BIT)
     }
     #[target_feature(enable = "avx512f")]
     fn negate(a: __m512) -> __m512 {
@@ -732,45 +722,20 @@ mod avx2 {
     fn splat(v: f32) -> __m256 {
         _mm256_set1_ps(v)
     }
-    #[target_feature(enable = "avx2,fma")]
-    fn add(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn sub(a: __m256, b: __m256) -> __m256 {
-        _mm256_sub_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn mul(a: __m256, b: __m256) -> __m256 {
-        _mm256_mul_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn div(a: __m256, b: __m256) -> __m256 {
-        _mm256_div_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn min(a: __m256, b: __m256) -> __m256 {
-        _mm256_min_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn max(a: __m256, b: __m256) -> __m256 {
-        _mm256_max_ps(a, b)
+    one_intrinsic_ops! { "avx2,fma", __m256;
+        add(a, b) -> __m256 = _mm256_add_ps;
+        sub(a, b) -> __m256 = _mm256_sub_ps;
+        mul(a, b) -> __m256 = _mm256_mul_ps;
+        div(a, b) -> __m256 = _mm256_div_ps;
+        min(a, b) -> __m256 = _mm256_min_ps;
+        max(a, b) -> __m256 = _mm256_max_ps;
+        lt(a, b) -> __m256 = _mm256_cmp_ps::<_CMP_LT_OQ>;
+        le(a, b) -> __m256 = _mm256_cmp_ps::<_CMP_LE_OQ>;
+        gt(a, b) -> __m256 = _mm256_cmp_ps::<_CMP_GT_OQ>;
     }
     #[target_feature(enable = "avx2,fma")]
     fn floor(a: __m256) -> __m256 {
         _mm256_floor_ps(a)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn lt(a: __m256, b: __m256) -> __m256 {
-        _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn le(a: __m256, b: __m256) -> __m256 {
-        _mm256_cmp_ps::<_CMP_LE_OQ>(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn gt(a: __m256, b: __m256) -> __m256 {
-        _mm256_cmp_ps::<_CMP_GT_OQ>(a, b)
     }
     #[target_feature(enable = "avx2,fma")]
     fn unordered(a: __m256) -> __m256 {
@@ -788,15 +753,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn or_bits(a: __m256, b: __m256) -> __m256 {
         _mm256_or_ps(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn abs(a: __m256) -> __m256 {
-        and_bits(a, !SIGN_BIT)
-    }
-    /// The sign bits alone.
-    #[target_feature(enable = "avx2,fma")]
-    fn sign(a: __m256) -> __m256 {
-        and_bits(a, SIGN_BIT)
     }
     #[target_feature(enable = "avx2,fma")]
     fn negate(a: __m256) -> __m256 {

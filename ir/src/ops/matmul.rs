@@ -139,8 +139,9 @@ pub(super) fn swiglu_flops(operands: &[&[usize]], out: &[usize]) -> u64 {
 /// The epilogue of a fused matrix product:
 /// `out = activation(a @ b + bias) + residual`, where `b` is a 2-D weight `[k, n]`
 /// (`[n, k]` when `trans_b`), `bias` broadcasts against the product and `residual` has the
-/// output's shape. Operands: `a, b`, then `bias` if present, then `residual` if present.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// output's shape. Operands: `a, b`, then `bias` if present, then `residual` if present. The
+/// default is a plain product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Gemm {
     /// `b` is stored `[n, k]`.
     pub trans_b: bool,

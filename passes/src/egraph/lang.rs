@@ -7,7 +7,7 @@
 //! `transpose{perm=[0,2,1,3]}`) that rule patterns are written in.
 
 use egg::{Analysis, DidMerge, Id};
-use kiln_ir::ops::{AttrValue, Attrs, EvalCtx, InferCtx};
+use kiln_ir::ops::{AttrValue, Attrs, InferCtx};
 use kiln_ir::{DType, Op, Tensor, TensorType};
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -412,19 +412,12 @@ fn fold_scalar(op: &Op, ty: &TensorType, types: &[&TensorType], values: &[f32]) 
     if !matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Reshape { .. }) || ty.dtype != DType::F32 {
         return None;
     }
-    let out_shape = ty.shape.as_fixed()?;
     let tensors: Vec<Tensor> = types
         .iter()
         .zip(values)
         .map(|(t, &v)| Tensor::f32(&t.shape.as_fixed()?, vec![v]).ok())
         .collect::<Option<_>>()?;
     let operands: Vec<&Tensor> = tensors.iter().collect();
-    let bindings = HashMap::new();
-    let ctx = EvalCtx {
-        bindings: &bindings,
-        out_shape: &out_shape,
-    };
-    let result = op.eval(&operands, ctx).ok()?;
-    let values = result.to_f64s();
+    let values = op.evaluate_fixed(&operands, 1).ok()?.to_f64s();
     (values.len() == 1).then(|| values[0] as f32)
 }

@@ -234,30 +234,15 @@ fn compose(outer: &Op, inner: &Op) -> Option<Option<Op>> {
     }
 }
 
-/// The layout op of a one-operand node.
-fn layout_node(node: &TensorLang) -> Option<(&Op, Id)> {
-    match node {
-        TensorLang::Op(label, children)
-            if children.len() == 1
-                && matches!(label.op(), Op::Transpose { .. } | Op::Reshape { .. }) =>
-        {
-            Some((label.op(), children[0]))
-        }
-        _ => None,
-    }
+fn is_layout(op: &Op) -> bool {
+    matches!(op, Op::Transpose { .. } | Op::Reshape { .. })
 }
 
 impl Finder for LayoutChains {
     fn find(&self, egraph: &EGraph, eclass: Id, limit: usize) -> Vec<Subst> {
         let mut substs = Vec::new();
-        for node in &egraph[eclass].nodes {
-            let Some((outer, middle)) = layout_node(node) else {
-                continue;
-            };
-            for inner_node in &egraph[middle].nodes {
-                let Some((inner, x)) = layout_node(inner_node) else {
-                    continue;
-                };
+        for (outer, middle) in unary_nodes(egraph, eclass, &is_layout) {
+            for (inner, x) in unary_nodes(egraph, middle, &is_layout) {
                 if compose(outer, inner).is_some() && substs.len() < limit {
                     let mut subst = Subst::with_capacity(2);
                     subst.insert(var("?middle"), middle);
@@ -277,16 +262,10 @@ impl Finder for LayoutChains {
 impl Rewriter for LayoutChains {
     fn rewrite(&self, egraph: &mut EGraph, class: Id, subst: &Subst) -> Vec<Id> {
         let (middle, x) = (subst[var("?middle")], subst[var("?x")]);
-        let pairs: Vec<Option<Op>> = egraph[class]
-            .nodes
-            .iter()
-            .filter_map(layout_node)
+        let pairs: Vec<Option<Op>> = unary_nodes(egraph, class, &is_layout)
             .filter(|&(_, m)| egraph.find(m) == egraph.find(middle))
             .flat_map(|(outer, _)| {
-                egraph[middle]
-                    .nodes
-                    .iter()
-                    .filter_map(layout_node)
+                unary_nodes(egraph, middle, &is_layout)
                     .filter(|&(_, inner_x)| egraph.find(inner_x) == egraph.find(x))
                     .filter_map(|(inner, _)| compose(outer, inner))
                     .collect::<Vec<_>>()
@@ -679,12 +658,9 @@ fn norm_rules() -> Vec<Rule> {
 /// repetition: `reshape [b, hk*g, s, d] (expand [b, hk, g, s, d] (reshape [b, hk, 1, s, d] x))`.
 fn repeated_heads(egraph: &EGraph, class: Id) -> Option<(Id, kiln_ir::Dim)> {
     let op_child = |class: Id, matches: &dyn Fn(&Op) -> bool| {
-        egraph[class].nodes.iter().find_map(|n| match n {
-            TensorLang::Op(label, children) if children.len() == 1 && matches(label.op()) => {
-                Some((label.op().clone(), children[0]))
-            }
-            _ => None,
-        })
+        unary_nodes(egraph, class, matches)
+            .next()
+            .map(|(op, child)| (op.clone(), child))
     };
     let (merged, expanded) = op_child(
         class,
@@ -943,13 +919,7 @@ fn products(egraph: &EGraph, class: Id) -> Vec<(Gemm, Vec<Id>)> {
             };
             match label.op() {
                 Op::MatMul if rank(children[1]) == Some(2) && rank(children[0]) >= Some(2) => {
-                    let plain = Gemm {
-                        trans_b: false,
-                        bias: false,
-                        activation: None,
-                        residual: false,
-                    };
-                    Some((plain, children.clone()))
+                    Some((Gemm::default(), children.clone()))
                 }
                 Op::Gemm(gemm) => Some((*gemm, children.clone())),
                 _ => None,
